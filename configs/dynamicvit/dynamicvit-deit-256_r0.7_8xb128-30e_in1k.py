@@ -1,0 +1,15 @@
+_base_ = ['../_base_/dynamicvit_8xb128-30e_in1k.py']
+
+# A dense DeiT-256 (official DynamicViT pretrained-base link), converted on the fly. Model zoo: 76.53 top-1, 1.3 GFLOPs.
+pretrained = 'pretrained/deit_256.pth'
+model = dict(
+    backbone=dict(arch='deit-256', keep_ratio=0.7),
+    head=dict(in_channels=256),
+    teacher=dict(
+        model=dict(
+            type='ImageClassifier',
+            backbone=dict(type='DynamicViT', arch='deit-256', keep_ratio=1.0),
+            head=dict(type='VisionTransformerClsHead', num_classes=1000, in_channels=256)),
+        checkpoint=pretrained),
+    init_cfg=dict(type='Pretrained', checkpoint=pretrained),
+)

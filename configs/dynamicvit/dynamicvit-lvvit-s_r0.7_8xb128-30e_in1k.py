@@ -1,0 +1,19 @@
+_base_ = ['../_base_/dynamicvit_8xb128-30e_in1k.py']
+
+# Official LV-ViT-S weights (a plain state dict despite the .pth.tar name). Model zoo: 83.08 top-1, 4.6 GFLOPs.
+# LV-ViT predicts cls logits + 0.5 * max over tokens of per-token logits; tokens are distilled with KL on the
+# per-token logits (the official LV-ViT recipe).
+pretrained = 'pretrained/lvvit_s-26M-224-83.3.pth.tar'
+model = dict(
+    backbone=dict(arch='lvvit-s', keep_ratio=0.7, out_type='raw'),
+    head=dict(_delete_=True, type='TokenLabelingClsHead', num_classes=1000, in_channels=384,
+              loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original')),
+    token_distill='kl',
+    teacher=dict(
+        model=dict(
+            type='ImageClassifier',
+            backbone=dict(type='DynamicViT', arch='lvvit-s', keep_ratio=1.0, out_type='raw'),
+            head=dict(type='TokenLabelingClsHead', num_classes=1000, in_channels=384)),
+        checkpoint=pretrained),
+    init_cfg=dict(type='Pretrained', checkpoint=pretrained),
+)

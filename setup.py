@@ -1,0 +1,53 @@
+"""sparsevit-mm: dynamic, input-adaptive vision backbones for OpenMMLab 2.x."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def read_version():
+    namespace = {}
+    exec((Path(__file__).parent / 'sparsevit_mm' / 'version.py').read_text(), namespace)
+    return namespace['__version__']
+
+
+setup(
+    name='sparsevit_mm',
+    version=read_version(),
+    description='Token-sparse and early-exit vision backbones (DynamicViT, DynamicSwin/ConvNeXt, DVT, U-ViT) '
+    'for mmpretrain, mmdet and mmsegmentation',
+    long_description=(Path(__file__).parent / 'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['sparsevit_mm', 'sparsevit_mm.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'torch==2.14.1',
+        'torchvision==0.29.1',
+        'mmengine==0.10.7',
+        # mmcv must carry its compiled ops; tools/install.sh builds that wheel (PyPI has only the source).
+        'mmcv==2.1.0',
+        'mmdet==3.3.0',
+        'mmsegmentation==1.2.2',
+        'mmpretrain==1.2.0',
+        'timm>=1.0,<2',
+        'numpy',
+        'matplotlib',
+        'tqdm',
+        # mmdet / mmseg / mmpretrain import these at registration time but do not all declare them.
+        'pycocotools',
+        'ftfy',
+        'regex',
+        'einops',
+        'scipy',
+        'shapely',
+        'terminaltables',
+        'prettytable',
+        'modelindex',
+    ],
+    extras_require={
+        'tests': ['pytest>=7', 'pytest-timeout'],
+        # Memory-efficient attention on CUDA machines; never required.
+        'xformers': ['xformers'],
+    },
+    license='Apache-2.0',
+    classifiers=['Programming Language :: Python :: 3', 'Topic :: Scientific/Engineering :: Artificial Intelligence'],
+)

@@ -1,0 +1,90 @@
+"""FLOPs and throughput measurement shared by ``tools/analysis``.
+
+FLOPs follow fvcore's convention (one fused multiply-add = one FLOP), as the DynamicViT papers report them, and are
+traced on the inference path, i.e. with the tokens really gathered. mmengine's counter has no rule for
+``scaled_dot_product_attention``; we add one so the attention matmuls (what token pruning saves quadratically) are
+counted, exactly as the explicit ``q @ k`` / ``attn @ v`` matmuls would be.
+"""
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+
+
+def _sdpa_flop_jit(inputs, outputs) -> int:
+    from mmengine.analysis.jit_handles import get_shape
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    *batch, num_queries, head_dims = q
+    num_keys, value_dims = k[-2], v[-1]
+    batch_size = 1
+    for size in batch:
+        batch_size *= size
+    return batch_size * num_queries * num_keys * (head_dims + value_dims)
+
+
+class _TensorForward(nn.Module):
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        out = self.fn(x)
+        return tuple(out) if isinstance(out, (list, tuple)) else out
+
+
+@torch.no_grad()
+def count_flops(fn: Callable, inputs: torch.Tensor, module: nn.Module = None) -> int:
+    """FLOPs (multiply-adds) of ``fn(inputs)``; ``module`` (default: ``fn`` itself) is put in eval mode."""
+    from mmengine.analysis import FlopAnalyzer
+    target = module if module is not None else fn
+    if isinstance(target, nn.Module):
+        target.eval()
+    wrapped = _TensorForward(fn)
+    analyzer = FlopAnalyzer(wrapped, (inputs, ))
+    analyzer.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_jit)
+    analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analyzer.total()
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def side_by_side_throughput(candidates: Dict[str, Callable[[], object]], inputs: torch.Tensor, rounds: int = 5,
+                            iters: int = 10, warmup: int = 3, progress: bool = True) -> Dict[str, List[float]]:
+    """Images/s of each candidate, measured in interleaved rounds so that machine noise hits all of them alike.
+
+    Args:
+        candidates: name -> a zero-argument callable that switches the model into that setting and returns
+            the function to time (called with ``inputs``).
+        rounds: each round times every candidate once (``iters`` calls after ``warmup`` calls).
+    Returns:
+        name -> images/s of every round (report the median).
+    """
+    from tqdm import tqdm
+    results = {name: [] for name in candidates}
+    device = inputs.device
+    bar = tqdm(total=rounds * len(candidates), desc='benchmark', disable=not progress, leave=False)
+    for _ in range(rounds):
+        for name, prepare in candidates.items():
+            fn = prepare()
+            for _ in range(warmup):
+                fn(inputs)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn(inputs)
+            _sync(device)
+            results[name].append(iters * inputs.shape[0] / (time.perf_counter() - start))
+            bar.update()
+    bar.close()
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,148 @@
+"""Checkpoint layouts of plain ViTs -> the :class:`~sparsevit_mm.models.DynamicViT` layout.
+
+Our backbone keeps the official module names (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``,
+``norm``, ...), which the official DynamicViT, official DeiT, timm and LV-ViT checkpoints share, and names the
+score predictors plainly. Supported inputs:
+
+* official DynamicViT / LV-ViT (``score_predictor.K.in_conv.0`` ...), official DeiT / timm DeiT, LV-ViT;
+* mmpretrain's ``VisionTransformer`` (``layers.N.ln1``, ``ffn.layers.0.0``, ...), e.g. mmpretrain DeiT;
+* our own backbone keys, or our classifier keys (``backbone.*``, ``head.*``).
+"""
+import re
+from typing import Dict, Tuple
+
+import torch
+
+from ..utils.checkpoint import CheckpointMismatchError
+
+StateDict = Dict[str, torch.Tensor]
+
+# official predictor names -> ours
+_PREDICTOR_RENAMES = (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
+                      ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.'))
+# classifier-level keys of the official / timm layouts
+_OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.', 'fc_norm.')
+# mmpretrain VisionTransformer -> ours
+_MMPRETRAIN_VIT_RENAMES = ((r'^patch_embed\.projection\.', 'patch_embed.proj.'), (r'^layers\.', 'blocks.'),
+                           (r'\.ln1\.', '.norm1.'), (r'\.ln2\.', '.norm2.'), (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
+                           (r'\.ffn\.layers\.1\.', '.mlp.fc2.'), (r'^ln1\.', 'norm.'))
+
+
+def detect_layout(state_dict: StateDict) -> str:
+    """One of ``'classifier'`` (ours, full model), ``'mmpretrain_vit'``, ``'official'`` or ``'backbone'`` (ours)."""
+    keys = list(state_dict)
+    if any(k.startswith('backbone.') for k in keys):
+        return 'classifier'
+    if any(k.startswith('layers.0.') for k in keys) and any('.ffn.layers.' in k for k in keys):
+        return 'mmpretrain_vit'
+    if any(k.startswith('score_predictors.') for k in keys):
+        return 'backbone'
+    if any(k.startswith('score_predictor.') for k in keys) or any(k.startswith(_OFFICIAL_HEAD_PREFIXES) for k in keys):
+        return 'official'
+    if any(k.startswith('blocks.0.') for k in keys):
+        return 'backbone'  # a headless official / timm checkpoint has exactly our backbone names
+    raise CheckpointMismatchError(
+        f'unrecognised ViT checkpoint layout; first keys: {keys[:8]}. Supported: official DynamicViT / DeiT / '
+        'LV-ViT / timm, mmpretrain VisionTransformer, and sparsevit-mm checkpoints')
+
+
+def _rename_predictor(key: str) -> str:
+    match = re.match(r'^score_predictor\.(\d+)\.(.*)$', key)
+    if not match:
+        return key
+    rest = match.group(2)
+    for old, new in _PREDICTOR_RENAMES:
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+            break
+    return f'score_predictors.{match.group(1)}.{rest}'
+
+
+def split_official(state_dict: StateDict) -> Tuple[StateDict, StateDict]:
+    """Official / timm layout -> (backbone keys in our names, head keys in the official names)."""
+    backbone, head = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(_OFFICIAL_HEAD_PREFIXES):
+            head[key] = value
+        else:
+            backbone[_rename_predictor(key)] = value
+    return backbone, head
+
+
+def mmpretrain_vit_to_backbone(state_dict: StateDict) -> StateDict:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _MMPRETRAIN_VIT_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def to_backbone_state_dict(state_dict: StateDict) -> StateDict:
+    """Any supported layout -> :class:`DynamicViT` backbone keys (classifier heads are left out)."""
+    layout = detect_layout(state_dict)
+    if layout == 'classifier':
+        state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+        return to_backbone_state_dict(state_dict)
+    if layout == 'mmpretrain_vit':
+        return mmpretrain_vit_to_backbone(state_dict)
+    if layout == 'official':
+        return split_official(state_dict)[0]
+    return dict(state_dict)
+
+
+def official_to_classifier(state_dict: StateDict) -> StateDict:
+    """Official DynamicViT / DeiT / LV-ViT checkpoint -> our classifier layout (``backbone.*`` + ``head.*``).
+
+    DeiT heads become mmpretrain's ``VisionTransformerClsHead`` (``head.layers.head``); LV-ViT heads (with
+    ``aux_head``) become :class:`TokenLabelingClsHead` (``head.cls_fc`` and ``head.token_fc``).
+    """
+    backbone, head = split_official(state_dict)
+    out = {f'backbone.{k}': v for k, v in backbone.items()}
+    extra = [k for k in head if not k.startswith(('head.', 'aux_head.'))]
+    if extra:
+        raise CheckpointMismatchError(f'unsupported head keys {extra} (a distilled DeiT has a second head; '
+                                      'use the non-distilled DeiT, as DynamicViT does)')
+    token_labeling = any(k.startswith('aux_head.') for k in head)
+    for key, value in head.items():
+        name, param = key.split('.', 1)
+        if token_labeling:
+            out[f"head.{'cls_fc' if name == 'head' else 'token_fc'}.{param}"] = value
+        else:
+            out[f'head.layers.head.{param}'] = value
+    return out
+
+
+def infer_arch(state_dict: StateDict) -> dict:
+    """Arch settings (a custom-arch dict for :class:`DynamicViT`) read off a backbone state dict's shapes."""
+    backbone = to_backbone_state_dict(state_dict)
+    try:
+        embed_dims = backbone['cls_token'].shape[-1]
+        num_layers = 1 + max(int(k.split('.')[1]) for k in backbone if k.startswith('blocks.'))
+        hidden = backbone['blocks.0.mlp.fc1.weight'].shape[0]
+    except (KeyError, ValueError) as error:
+        raise CheckpointMismatchError(f'cannot read the ViT arch off this checkpoint: {error!r}') from error
+    conv_stem = 'patch_embed.conv1.weight' in backbone
+    arch = dict(embed_dims=embed_dims, num_layers=num_layers, mlp_ratio=hidden / embed_dims,
+                qkv_bias='blocks.0.attn.qkv.bias' in backbone, stem='conv' if conv_stem else 'patch',
+                residual_scale=2.0 if conv_stem else 1.0)
+    from ..models.backbones.dynamic_vit import DynamicViT
+    for name, settings in DynamicViT.arch_zoo.items():
+        full = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0, **settings)
+        if all(full[k] == v for k, v in arch.items()):
+            return dict(name=name, **full)
+    arch['num_heads'] = max(1, embed_dims // 64)  # not stored in a checkpoint; ViT convention of 64-dim heads
+    return dict(name=None, **arch)
+
+
+def to_classifier_state_dict(state_dict: StateDict) -> StateDict:
+    """Any supported full-model layout -> our classifier layout (``backbone.*`` in our names, ``head.*``)."""
+    layout = detect_layout(state_dict)
+    if layout == 'official':
+        return official_to_classifier(state_dict)
+    if layout != 'classifier':
+        raise CheckpointMismatchError('this checkpoint holds a backbone only (no classification head); load it '
+                                      "with the backbone's init_cfg=dict(type='Pretrained', checkpoint=...)")
+    backbone = to_backbone_state_dict(state_dict)
+    rest = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
+    return {**{f'backbone.{k}': v for k, v in backbone.items()}, **rest}

@@ -1,0 +1,3 @@
+from .hooks import FreezeBackboneHook
+
+__all__ = ['FreezeBackboneHook']

@@ -1,0 +1,60 @@
+"""Training hooks of the sparsevit-mm recipes."""
+from typing import Sequence
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+
+class FreezeBackboneHook(Hook):
+    """Keep the pretrained backbone still for the first ``epochs`` while the new modules learn.
+
+    DynamicViT's recipe trains only the score predictors (and other new modules) for the first 5 epochs, then the
+    whole network with the backbone at a reduced lr. Here the learning rate of every backbone parameter outside
+    ``trainable`` is set to 0 for each iteration of those epochs (AdamW's decoupled weight decay scales with the lr,
+    so the weights do not move) and restored right after the step, before the lr schedulers update it. The
+    optimizer, DDP and checkpoints are untouched.
+
+    Args:
+        epochs: how many epochs the backbone stays frozen.
+        module: the attribute holding the backbone.
+        trainable: name fragments of backbone parameters that train from the start.
+    """
+    priority = 'NORMAL'  # before ParamSchedulerHook (LOW) in after_train_iter
+
+    def __init__(self, epochs: int = 5, module: str = 'backbone',
+                 trainable: Sequence[str] = ('score_predictors', 'fast_path')):
+        if epochs < 0:
+            raise ValueError(f'epochs must be >= 0, got {epochs}')
+        self.epochs = epochs
+        self.module = module
+        self.trainable = tuple(trainable)
+        self._groups = None
+        self._saved = []
+
+    def _frozen_groups(self, runner):
+        if self._groups is None:
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            frozen = {id(p) for name, p in getattr(model, self.module).named_parameters()
+                      if not any(t in name for t in self.trainable)}
+            optimizer = runner.optim_wrapper.optimizer
+            self._groups = [g for g in optimizer.param_groups if g['params'] and all(id(p) in frozen
+                                                                                   for p in g['params'])]
+            mixed = [g for g in optimizer.param_groups if g not in self._groups and
+                     any(id(p) in frozen for p in g['params'])]
+            if mixed:
+                raise ValueError('FreezeBackboneHook needs the backbone in parameter groups of its own; add a '
+                                 f"paramwise_cfg custom key for '{self.module}' (e.g. lr_mult=0.01)")
+        return self._groups
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None):
+        if runner.epoch >= self.epochs:
+            return
+        groups = self._frozen_groups(runner)
+        self._saved = [g['lr'] for g in groups]
+        for group in groups:
+            group['lr'] = 0.0
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None):
+        for group, lr in zip(self._groups or [], self._saved):
+            group['lr'] = lr
+        self._saved = []

@@ -1,0 +1,118 @@
+"""Token-sparsity primitives shared by every dynamic backbone.
+
+Shapes: B batch, N tokens, K selected tokens, C channels. Indices are always ``(B, K)`` long tensors
+that index dimension 1 of a ``(B, N, C)`` token tensor.
+"""
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select ``index`` (B, K) from ``tokens`` (B, N, C) per sample -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def batch_scatter(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Out-of-place write of ``values`` (B, K, C) into ``tokens`` (B, N, C) at ``index`` (B, K) -> (B, N, C)."""
+    return tokens.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), values)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the ``k`` highest ``scores`` (B, N), highest first."""
+    return scores.topk(k, dim=1, sorted=True).indices
+
+
+def split_by_score(scores: torch.Tensor, k: int):
+    """Split positions by ``scores`` (B, N) into the ``k`` best (B, k) and the rest (B, N - k)."""
+    order = scores.argsort(dim=1, descending=True)
+    return order[:, :k], order[:, k:]
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+    """How many of ``num_tokens`` a keep ``ratio`` keeps at inference (truncated, as the paper; at least 1)."""
+    return max(1, int(num_tokens * ratio))
+
+
+def sample_keep_decision(log_probs: torch.Tensor, previous: Optional[torch.Tensor] = None,
+                         tau: float = 1.0) -> torch.Tensor:
+    """Hard, differentiable keep decisions (straight-through Gumbel-softmax).
+
+    Args:
+        log_probs: (B, N, 2) log-probabilities from a score predictor; channel 0 means "keep".
+        previous: (B, N, 1) earlier decision; a token dropped before stays dropped (decisions nest).
+    Returns:
+        (B, N, 1) tensor of exact 0/1 values that carries gradients to ``log_probs``.
+    """
+    decision = F.gumbel_softmax(log_probs, tau=tau, hard=True)[..., :1]
+    return decision if previous is None else decision * previous
+
+
+def keep_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
+    """Squared error between each sample's kept fraction and its stage target, averaged over stages.
+
+    Args:
+        decisions: per stage, a (B, N) or (B, N, 1) 0/1 mask of positions kept (or sent to the slow path).
+        targets: per stage, the fraction of positions that should be kept.
+    """
+    if len(decisions) != len(targets):
+        raise ValueError(f'got {len(decisions)} decision masks but {len(targets)} keep-ratio targets')
+    per_stage = [((d.flatten(1).mean(1) - t) ** 2).mean() for d, t in zip(decisions, targets)]
+    return torch.stack(per_stage).mean()
+
+
+def check_keep_ratios(ratios: Sequence[float], decreasing: bool = True) -> List[float]:
+    """Validate per-stage keep ratios: each in (0, 1] and (optionally) non-increasing."""
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f'keep ratios must lie in (0, 1], got {r} in {ratios}')
+    if decreasing and any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError(f'keep ratios must not increase from one pruning stage to the next, got {ratios}')
+    return ratios
+
+
+def stage_keep_ratios(keep_ratio: Union[float, Sequence[float]], num_stages: int,
+                      schedule: str = 'geometric', step: float = 0.2) -> List[float]:
+    """Per-stage keep ratios from a base ``keep_ratio`` or an explicit list.
+
+    ``geometric`` gives ``[r, r**2, r**3, ...]`` (DynamicViT: cumulative fractions of all tokens);
+    ``linear`` gives ``[r, r - step, r - 2 * step, ...]`` (dynamic Swin / ConvNeXt: slow-path fractions).
+    A list is used as given (its length must equal ``num_stages``).
+    """
+    if isinstance(keep_ratio, (list, tuple)):
+        if len(keep_ratio) != num_stages:
+            raise ValueError(f'keep_ratio has {len(keep_ratio)} values but there are {num_stages} pruning '
+                             f'stages; give one float or {num_stages} values')
+        return check_keep_ratios(keep_ratio)
+    r = float(keep_ratio)
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f'keep_ratio must lie in (0, 1], got {keep_ratio}')
+    if schedule == 'geometric':
+        ratios = [r ** (s + 1) for s in range(num_stages)]
+    elif schedule == 'linear':
+        ratios = [r - step * s for s in range(num_stages)]
+        if r < 1.0 and ratios[-1] <= 0.0:
+            raise ValueError(f'keep_ratio={keep_ratio} with a step of {step} per stage leaves '
+                             f'{ratios[-1]:.2f} for the last of {num_stages} stages; the smallest allowed is '
+                             f'{step * (num_stages - 1):.2f} (exclusive)')
+        if r == 1.0:  # 1.0 means dense everywhere, not 1.0 / 0.8 / 0.6
+            ratios = [1.0] * num_stages
+    else:
+        raise ValueError(f"schedule must be 'geometric' or 'linear', got {schedule!r}")
+    return check_keep_ratios(ratios)
+
+
+def check_prune_layers(prune_layers: Sequence[int], depth: int, name: str = 'prune_layers') -> List[int]:
+    """Validate block indices that get a score predictor: in [1, depth), strictly increasing."""
+    layers = [int(i) for i in prune_layers]
+    if not layers:
+        raise ValueError(f'{name} must name at least one block, got {list(prune_layers)}')
+    bad = [i for i in layers if not 0 < i < depth]
+    if bad:
+        raise ValueError(f'{name} {layers}: {bad} out of range; allowed block indices are 1..{depth - 1} '
+                         f'(a predictor runs before the block it names, and block 0 sees every token)')
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f'{name} must be strictly increasing, got {layers}')
+    return layers

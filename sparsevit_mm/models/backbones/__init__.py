@@ -1,0 +1,3 @@
+from .dynamic_vit import DynamicViT
+
+__all__ = ['DynamicViT']

@@ -1,0 +1,91 @@
+"""What every sparsevit-mm backbone shares: arch lookup, output indices, and checked pretrained loading."""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+
+from ...utils.checkpoint import CheckpointMismatchError, load_state_dict_checked, load_state_dict_file
+
+
+class SparseBackbone(BaseModule):
+    """Base class of the dynamic backbones.
+
+    Subclasses define ``arch_zoo``, ``default_init()``, ``convert_checkpoint(state_dict)`` (any supported layout ->
+    this module's keys) and ``optional_checkpoint_prefixes`` (parameter groups a pretrained checkpoint may lack,
+    such as score predictors that a dense checkpoint never had).
+
+    ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None)`` is handled here instead of by mmengine's
+    non-strict loader: the checkpoint is converted from whatever layout it has, and a checkpoint that does not fit
+    raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-shaped keys.
+    """
+    arch_zoo: Dict[str, dict] = {}
+    optional_checkpoint_prefixes: Tuple[str, ...] = ()
+
+    @classmethod
+    def resolve_arch(cls, arch: Union[str, dict], required: Sequence[str]) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                raise ValueError(f'unknown arch {arch!r} for {cls.__name__}; choose one of {sorted(cls.arch_zoo)} '
+                                 f'or give a dict with the keys {list(required)}')
+            return dict(cls.arch_zoo[key])
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
+        missing = [k for k in required if k not in arch]
+        if missing:
+            raise ValueError(f'custom arch {arch} lacks the keys {missing} (required: {list(required)})')
+        return dict(arch)
+
+    @staticmethod
+    def resolve_out_indices(out_indices: Union[int, Sequence[int]], num: int) -> List[int]:
+        indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        resolved = []
+        for index in indices:
+            if not -num <= index < num:
+                raise ValueError(f'out_indices {indices}: {index} is out of range for {num} layers/stages')
+            resolved.append(index % num)
+        return sorted(set(resolved))
+
+    # ------------------------------------------------------------------------------------------- weights
+    def _pretrained_cfg(self) -> Optional[dict]:
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        for cfg in cfgs:
+            if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+                return cfg
+        return None
+
+    def default_init(self):
+        raise NotImplementedError
+
+    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return state_dict
+
+    def init_weights(self):
+        pretrained = self._pretrained_cfg()
+        if pretrained is None and self.init_cfg is not None:
+            super().init_weights()
+            return
+        self.default_init()
+        if pretrained is not None:
+            self.load_pretrained(pretrained['checkpoint'], pretrained.get('prefix'))
+        self._is_init = True
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None):
+        """Load ``checkpoint`` (any supported layout), keeping only keys under ``prefix`` if given."""
+        state_dict = load_state_dict_file(checkpoint)
+        if prefix:
+            prefix = prefix if prefix.endswith('.') else prefix + '.'
+            selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if not selected:
+                raise CheckpointMismatchError(
+                    f'no key of {checkpoint} starts with the prefix {prefix!r}; '
+                    f'its keys start with {sorted({k.split(".")[0] for k in state_dict})}')
+            state_dict = selected
+        self.load_checked(self.convert_checkpoint(state_dict), source=checkpoint)
+
+    def load_checked(self, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict'):
+        """Load converted weights strictly (see :func:`load_state_dict_checked`)."""
+        absent = load_state_dict_checked(self, state_dict, source, self.optional_checkpoint_prefixes)
+        if absent:
+            print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')

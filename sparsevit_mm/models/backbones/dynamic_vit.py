@@ -1,0 +1,346 @@
+"""DynamicViT: a plain ViT (DeiT or LV-ViT) that drops uninformative tokens as it goes deeper.
+
+Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021.
+
+Score predictors run before the blocks in ``prune_layers``; stage ``s`` keeps ``keep_ratio ** (s + 1)`` of the
+patch tokens (the cls token is always kept).
+
+* Training: hard Gumbel-softmax decisions, nested with the previous ones; dropped tokens stay in the tensor but
+  no token attends to them, so gradients still reach the predictors.
+* Inference: the top-k tokens by score are gathered and the rest really leave the computation.
+
+``keep_ratio`` is a plain attribute: changing it (config, ``--cfg-options``, or at run time) changes the budget
+without retraining, and ``keep_ratio=1.0`` is exactly the dense DeiT / LV-ViT.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmengine.model.weight_init import trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
+
+from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter, check_prune_layers,
+                       num_kept, sample_keep_decision, stage_keep_ratios, topk_indices)
+from .base import SparseBackbone
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """LV-ViT's patch embedding: three convs (stride 2) then a ``patch_size/2`` projection. (B,3,H,W)->(B,C,H/p,W/p)."""
+
+    def __init__(self, patch_size: int = 16, in_channels: int = 3, embed_dims: int = 384, stem_channels: int = 64):
+        super().__init__()
+
+        def conv_bn_relu(cin, kernel, stride):
+            conv = nn.Conv2d(cin, stem_channels, kernel, stride, kernel // 2, bias=False)
+            return conv, nn.BatchNorm2d(stem_channels)
+
+        self.conv1, self.bn1 = conv_bn_relu(in_channels, 7, 2)
+        self.conv2, self.bn2 = conv_bn_relu(stem_channels, 3, 1)
+        self.conv3, self.bn3 = conv_bn_relu(stem_channels, 3, 1)
+        self.proj = nn.Conv2d(stem_channels, embed_dims, patch_size // 2, patch_size // 2)
+
+    def forward(self, x):
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = torch.relu(bn(conv(x)))
+        return self.proj(x)
+
+
+class DynamicViTBlock(nn.Module):
+    """Pre-norm transformer block whose attention accepts a keep policy. (B, N, C) -> (B, N, C).
+
+    ``residual_scale`` divides both residual branches (LV-ViT uses 2; DeiT 1).
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 residual_scale: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
+        self.attn = KeepPolicyAttention(embed_dims, num_heads, qkv_bias, attn_drop_rate, drop_rate)
+        self.norm2 = nn.LayerNorm(embed_dims, eps=1e-6)
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.residual_scale = residual_scale
+
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), policy)) / self.residual_scale
+        return x + self.drop_path(self.mlp(self.norm2(x))) / self.residual_scale
+
+
+@dataclass
+class TokenSparsityResult:
+    """Everything one forward pass produced.
+
+    Attributes:
+        outs: what :meth:`DynamicViT.forward` returns (one entry per ``out_indices``).
+        keep_decisions: training only; per stage the (B, N) cumulative 0/1 keep mask (differentiable).
+        kept_indices: inference only; per stage the (B, K_s) absolute patch indices still kept.
+        patch_tokens: the final normed patch tokens: (B, N, C) in training (dropped ones included, see
+            ``keep_decisions``), (B, K, C) at inference in the order of ``kept_indices[-1]``.
+        grid: (H, W) of the patch grid.
+    """
+    outs: Tuple[torch.Tensor, ...]
+    keep_decisions: List[torch.Tensor] = field(default_factory=list)
+    kept_indices: List[torch.Tensor] = field(default_factory=list)
+    patch_tokens: Optional[torch.Tensor] = None
+    grid: Tuple[int, int] = (0, 0)
+
+
+class DynamicViT(SparseBackbone):
+    """DynamicViT backbone (DeiT / LV-ViT with learned token pruning).
+
+    Args:
+        arch: a name in :attr:`arch_zoo` or a dict with ``embed_dims``, ``num_layers``, ``num_heads`` and
+            optionally ``mlp_ratio``, ``qkv_bias``, ``stem`` ('patch' | 'conv'), ``residual_scale``,
+            ``prune_layers``.
+        img_size: training resolution; the position embedding is resized for other input sizes.
+        patch_size: patch size (input sides must be multiples of it).
+        keep_ratio: base keep ratio r (stage s keeps r**(s+1) of the patch tokens), or one ratio per stage.
+            1.0 disables pruning.
+        prune_layers: blocks that get a score predictor in front; default from the arch (3, 6, 9 for 12 blocks).
+        out_type: ``'cls_token'`` (B, C), ``'raw'`` (B, 1+K, C) remaining tokens, ``'featmap'`` (B, C, H, W) with
+            pruned tokens put back at their positions (their features from when they were dropped), or
+            ``'avg_featmap'`` (B, C) mean of the remaining patch tokens.
+        out_indices: blocks whose outputs are returned (-1 = last).
+        final_norm: apply the final LayerNorm to the last output.
+        drop_rate / attn_drop_rate / drop_path_rate: regularisation (drop path grows linearly with depth).
+        frozen_stages: freeze the patch embedding and this many first blocks (0 = nothing frozen).
+        with_cp: gradient checkpointing of the blocks.
+        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads our, the official DynamicViT,
+            DeiT (timm / official), LV-ViT or mmpretrain-ViT checkpoints (converted on the fly).
+    """
+    arch_zoo: Dict[str, dict] = {
+        'deit-tiny': dict(embed_dims=192, num_layers=12, num_heads=3, mlp_ratio=4.0),
+        'deit-256': dict(embed_dims=256, num_layers=12, num_heads=4, mlp_ratio=4.0),
+        'deit-small': dict(embed_dims=384, num_layers=12, num_heads=6, mlp_ratio=4.0),
+        'deit-base': dict(embed_dims=768, num_layers=12, num_heads=12, mlp_ratio=4.0),
+        'lvvit-s': dict(embed_dims=384, num_layers=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False, stem='conv',
+                        residual_scale=2.0),
+        'lvvit-m': dict(embed_dims=512, num_layers=20, num_heads=8, mlp_ratio=3.0, qkv_bias=False, stem='conv',
+                        residual_scale=2.0),
+    }
+    OUT_TYPES = ('cls_token', 'raw', 'featmap', 'avg_featmap')
+    num_extra_tokens = 1
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'deit-small',
+                 img_size: int = 224,
+                 patch_size: int = 16,
+                 in_channels: int = 3,
+                 keep_ratio: Union[float, Sequence[float]] = 0.7,
+                 prune_layers: Optional[Sequence[int]] = None,
+                 out_type: str = 'cls_token',
+                 out_indices: Union[int, Sequence[int]] = -1,
+                 final_norm: bool = True,
+                 drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0,
+                 frozen_stages: int = 0,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self.resolve_arch(arch, required=('embed_dims', 'num_layers', 'num_heads'))
+        settings = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0)
+        settings.update(self.arch_settings)
+        self.embed_dims = embed_dims = settings['embed_dims']
+        self.num_layers = depth = settings['num_layers']
+        if out_type not in self.OUT_TYPES:
+            raise ValueError(f'out_type must be one of {self.OUT_TYPES}, got {out_type!r}')
+        self.out_type = out_type
+        self.out_indices = self.resolve_out_indices(out_indices, depth)
+        self.patch_size = patch_size
+        self.grid_size = self._check_grid(img_size, img_size)
+
+        if settings['stem'] == 'conv':
+            self.patch_embed = ConvStemPatchEmbed(patch_size, in_channels, embed_dims)
+        elif settings['stem'] == 'patch':
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_channels, embed_dims, flatten=False,
+                                          strict_img_size=False)
+        else:
+            raise ValueError(f"arch stem must be 'patch' or 'conv', got {settings['stem']!r}")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1] + 1, embed_dims))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            DynamicViTBlock(embed_dims, settings['num_heads'], settings['mlp_ratio'], settings['qkv_bias'],
+                            drop_rate, attn_drop_rate, drop_paths[i], settings['residual_scale'])
+            for i in range(depth))
+        self.final_norm = final_norm
+        self.norm = nn.LayerNorm(embed_dims, eps=1e-6) if final_norm else nn.Identity()
+
+        default_prune = settings.get('prune_layers', [depth // 4 * (s + 1) for s in range(3)])
+        self.prune_layers = check_prune_layers(prune_layers if prune_layers is not None else default_prune, depth)
+        self.score_predictors = nn.ModuleList(TokenScorePredictor(embed_dims) for _ in self.prune_layers)
+        self.keep_ratio = keep_ratio  # validated by the property below
+        self.frozen_stages = frozen_stages
+        self.with_cp = with_cp
+        self._freeze_stages()
+
+    # ----------------------------------------------------------------------------------------------- budget
+    @property
+    def keep_ratio(self):
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value):
+        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'geometric')
+        self._keep_ratio = value
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any stage drops tokens at the current keep ratio."""
+        return any(r < 1.0 for r in self.stage_ratios)
+
+    # ----------------------------------------------------------------------------------------------- weights
+    def default_init(self):
+        """timm's ViT init: truncated normal 0.02 for linear weights and embeddings, zero biases."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        from ...converters.dynamicvit import to_backbone_state_dict
+        state_dict = to_backbone_state_dict(state_dict)
+        if 'pos_embed' in state_dict and state_dict['pos_embed'].shape != self.pos_embed.shape:
+            old = state_dict['pos_embed']
+            old_side = int(round((old.shape[1] - 1) ** 0.5))
+            state_dict['pos_embed'] = resample_abs_pos_embed(old, list(self.grid_size), [old_side, old_side])
+        return state_dict
+
+    # A dense DeiT / LV-ViT checkpoint has no predictors; they keep their fresh init.
+    optional_checkpoint_prefixes = ('score_predictors.',)
+
+    def _freeze_stages(self):
+        if self.frozen_stages <= 0:
+            return
+        frozen = [self.patch_embed, *self.blocks[:self.frozen_stages]]
+        self.pos_embed.requires_grad = False
+        self.cls_token.requires_grad = False
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def get_layer_depth(self, param_name: str, prefix: str = ''):
+        """Layer id for layer-wise lr decay (mmpretrain's contract): embeddings 0, block i -> i + 1.
+
+        A score predictor belongs to the block it sits in front of.
+        """
+        num_layers = self.num_layers + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        name = param_name[len(prefix):]
+        if name.startswith(('cls_token', 'pos_embed', 'patch_embed')):
+            return 0, num_layers
+        if name.startswith('blocks.'):
+            return int(name.split('.')[1]) + 1, num_layers
+        if name.startswith('score_predictors.'):
+            return self.prune_layers[int(name.split('.')[1])] + 1, num_layers
+        return num_layers - 1, num_layers
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _check_grid(self, height: int, width: int) -> Tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f'input size {height}x{width} is not a multiple of the patch size {self.patch_size}; '
+                             f'resize or pad the image to a multiple of {self.patch_size}')
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(B, 3, H, W) -> tokens (B, 1 + N, C) with cls token and position embedding, and the patch grid."""
+        grid = self._check_grid(*images.shape[-2:])
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        pos_embed = self.pos_embed
+        if grid != self.grid_size:
+            pos_embed = resample_abs_pos_embed(pos_embed, list(grid), list(self.grid_size))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
+        return self.pos_drop(x), grid
+
+    def _run_block(self, index: int, x: torch.Tensor, policy: Optional[torch.Tensor]) -> torch.Tensor:
+        block = self.blocks[index]
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(block, x, policy, use_reentrant=False)
+        return block(x, policy)
+
+    def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
+        """Run the backbone and return outputs together with what was kept. See :class:`TokenSparsityResult`."""
+        x, grid = self.embed(images)
+        batch, num_patches = x.shape[0], x.shape[1] - 1
+        result = TokenSparsityResult(outs=(), grid=grid)
+        prune_at = {layer: stage for stage, layer in enumerate(self.prune_layers)} if self.prunes else {}
+        masked = self.training and bool(prune_at)
+
+        decision = None  # training: (B, N, 1) cumulative keep mask
+        policy = None  # training: (B, 1 + N) keep policy for attention (cls always kept)
+        kept = None  # inference: (B, K) absolute indices of the patch tokens still in x
+        dropped = None  # inference + featmap: (B, N, C) features of every token when last seen
+        outs = []
+        for i in range(self.num_layers):
+            if i in prune_at:
+                stage = prune_at[i]
+                predictor = self.score_predictors[stage]
+                if masked:
+                    previous = decision if decision is not None else x.new_ones(batch, num_patches, 1)
+                    decision = sample_keep_decision(predictor(x[:, 1:], previous), previous)
+                    result.keep_decisions.append(decision.squeeze(-1))
+                    policy = torch.cat([x.new_ones(batch, 1), decision.squeeze(-1)], dim=1)
+                else:
+                    if kept is None:
+                        kept = torch.arange(num_patches, device=x.device).expand(batch, -1)
+                    if self.out_type == 'featmap':
+                        dropped = self.fill_back(dropped, kept, x[:, 1:], num_patches)
+                    scores = predictor(x[:, 1:])[..., 0]
+                    keep = topk_indices(scores, num_kept(num_patches, self.stage_ratios[stage]))
+                    x = torch.cat([x[:, :1], batch_gather(x[:, 1:], keep)], dim=1)
+                    kept = kept.gather(1, keep)
+                    result.kept_indices.append(kept)
+            x = self._run_block(i, x, policy)
+            last = i == self.num_layers - 1
+            if last:
+                x = self.norm(x)
+                result.patch_tokens = x[:, 1:]
+            if i in self.out_indices:
+                if last and dropped is not None:
+                    dropped = self.norm(dropped)  # LayerNorm is per token: norm(fill(d, x)) == fill(norm(d), norm(x))
+                outs.append(self.format_output(x, kept, dropped, grid))
+        result.outs = tuple(outs)
+        return result
+
+    def fill_back(self, full: Optional[torch.Tensor], kept: torch.Tensor, tokens: torch.Tensor,
+                  num_patches: int) -> torch.Tensor:
+        """Write the current tokens (B, K, C) at their absolute positions ``kept`` into a full (B, N, C) map."""
+        if full is None:
+            full = tokens.new_zeros(tokens.shape[0], num_patches, tokens.shape[-1])
+        return batch_scatter(full, kept, tokens)
+
+    def format_output(self, x: torch.Tensor, kept: Optional[torch.Tensor], dropped: Optional[torch.Tensor],
+                      grid: Tuple[int, int]) -> torch.Tensor:
+        if self.out_type == 'raw':
+            return x
+        if self.out_type == 'cls_token':
+            return x[:, 0]
+        if self.out_type == 'avg_featmap':
+            return x[:, 1:].mean(dim=1)
+        patches = x[:, 1:]
+        if kept is not None:
+            patches = self.fill_back(dropped, kept, patches, grid[0] * grid[1])
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) -> tuple with one output per ``out_indices`` (shape per ``out_type``)."""
+        return self.forward_sparse(images).outs

@@ -1,0 +1,3 @@
+from .dynamic_vit_classifier import DynamicViTClassifier
+
+__all__ = ['DynamicViTClassifier']

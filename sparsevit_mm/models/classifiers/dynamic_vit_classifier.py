@@ -1,0 +1,111 @@
+"""The DynamicViT training objective as an mmpretrain classifier."""
+from typing import List, Optional, Union
+
+import torch
+from mmpretrain.models.classifiers import ImageClassifier
+from mmpretrain.structures import DataSample
+
+from mmengine.logging import print_log
+
+from ...converters import adapt_state_dict
+from ...layers import keep_ratio_loss
+from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
+from ..losses import logit_distillation_loss, token_distillation_loss
+from ..teacher import FrozenTeacher, build_teacher
+
+
+class DynamicViTClassifier(ImageClassifier):
+    """``ImageClassifier`` whose training loss is the full DynamicViT objective.
+
+    ``loss_cls`` (the head's loss) + ``loss_keep_ratio`` (per stage, squared error between each sample's kept
+    fraction and the stage target, averaged over stages) + ``loss_distill_logits`` (KL from the frozen dense
+    teacher) + ``loss_distill_tokens`` (on the tokens kept at the last stage: MSE of final features, or KL of
+    per-token logits for LV-ViT). The kept fraction of every stage is logged as ``keep_ratio_stage{s}``.
+
+    Args:
+        backbone / neck / head / train_cfg / data_preprocessor / init_cfg: as :class:`ImageClassifier`; the
+            backbone must be a token-sparse backbone such as ``DynamicViT``.
+        teacher: ``dict(config=..., checkpoint=...)`` or ``dict(model=..., checkpoint=...)``
+            (see :class:`FrozenTeacher`); None trains without distillation.
+        keep_ratio_weight / distill_logits_weight / distill_tokens_weight: loss weights (paper: 2.0, 0.5, 0.5).
+        token_distill: ``'mse'`` (DeiT: final token features) or ``'kl'`` (LV-ViT: per-token logits).
+    """
+
+    def __init__(self, backbone: dict, neck: Optional[dict] = None, head: Optional[dict] = None,
+                 teacher: Union[None, dict, FrozenTeacher] = None, keep_ratio_weight: float = 2.0,
+                 distill_logits_weight: float = 0.5, distill_tokens_weight: float = 0.5,
+                 token_distill: str = 'mse', pretrained: Optional[str] = None, train_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None, init_cfg: Optional[dict] = None):
+        super().__init__(backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg)
+        if not hasattr(self.backbone, 'forward_sparse'):
+            raise TypeError(f'DynamicViTClassifier needs a token-sparse backbone (with forward_sparse), got '
+                            f'{type(self.backbone).__name__}')
+        if token_distill not in ('mse', 'kl'):
+            raise ValueError(f"token_distill must be 'mse' or 'kl', got {token_distill!r}")
+        self.teacher = build_teacher(teacher)  # a plain attribute: not a submodule (see FrozenTeacher)
+        self.keep_ratio_weight = keep_ratio_weight
+        self.distill_logits_weight = distill_logits_weight
+        self.distill_tokens_weight = distill_tokens_weight
+        self.token_distill = token_distill
+
+    def init_weights(self):
+        """Default init, then ``init_cfg=dict(type='Pretrained', checkpoint=...)`` of the whole classifier.
+
+        The checkpoint may be ours or official (DeiT, LV-ViT, DynamicViT); it is converted and loaded strictly,
+        except that a dense checkpoint may lack the score predictors. Finally the teacher loads its weights.
+        """
+        pretrained = self.init_cfg if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained' \
+            else None
+        if pretrained is None:
+            super().init_weights()
+        else:
+            self.init_cfg = None
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = pretrained
+            path = pretrained['checkpoint']
+            state_dict = adapt_state_dict(self, load_state_dict_file(path))
+            absent = load_state_dict_checked(self, state_dict, path, ('backbone.score_predictors.', ))
+            if absent:
+                print_log(f'{path}: no weights for {absent}; those keep their initialisation', logger='current')
+        if self.teacher is not None:
+            self.teacher.load()
+
+    def _logits(self, feats) -> torch.Tensor:
+        head = self.head
+        return head.cls_logits(feats) if hasattr(head, 'cls_logits') else head(feats)
+
+    def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
+        result = self.backbone.forward_sparse(inputs)
+        feats = self.neck(result.outs) if self.with_neck else result.outs
+        logits = self._logits(feats)
+        losses = {f'{k}_cls' if k == 'loss' else k: v for k, v in self.head._get_loss(logits, data_samples).items()}
+
+        decisions = result.keep_decisions
+        if decisions:
+            losses['loss_keep_ratio'] = self.keep_ratio_weight * keep_ratio_loss(
+                decisions, self.backbone.stage_ratios[:len(decisions)])
+            for stage, decision in enumerate(decisions):
+                losses[f'keep_ratio_stage{stage + 1}'] = decision.detach().mean()
+
+        if self.teacher is not None:
+            need_tokens = self.distill_tokens_weight > 0
+            teacher = self.teacher(inputs, need_tokens=need_tokens)
+            losses['loss_distill_logits'] = self.distill_logits_weight * logit_distillation_loss(logits,
+                                                                                                 teacher.logits)
+            if need_tokens:
+                keep_mask = decisions[-1] if decisions else None
+                if self.token_distill == 'kl':
+                    if teacher.token_logits is None or not hasattr(self.head, 'token_logits'):
+                        raise ValueError("token_distill='kl' needs token-labeling heads (TokenLabelingClsHead) "
+                                         'on both student and teacher')
+                    student_tokens, teacher_tokens = self.head.token_logits(feats), teacher.token_logits
+                else:
+                    if teacher.patch_tokens is None:
+                        raise ValueError('the teacher exposes no token features; set teacher token_layer to the '
+                                         "module that outputs its final tokens (e.g. 'backbone.ln1')")
+                    student_tokens, teacher_tokens = result.patch_tokens, teacher.patch_tokens
+                losses['loss_distill_tokens'] = self.distill_tokens_weight * token_distillation_loss(
+                    student_tokens, teacher_tokens, keep_mask, self.token_distill)
+        return losses

@@ -1,0 +1,47 @@
+"""The one place where sparsevit-mm's classes enter the OpenMMLab registries.
+
+Every class below is registered under its own name into the registries of each installed framework (mmpretrain,
+mmdet, mmseg), so configs with ``default_scope`` ``'mmpretrain'``, ``'mmdet'`` or ``'mmseg'`` find
+``type='DynamicViT'`` without a scope prefix. Names are distinct from the frameworks' own (their
+``SwinTransformer`` / ``ConvNeXt`` / ``VisionTransformer`` stay untouched).
+"""
+import importlib
+
+from .engine import FreezeBackboneHook
+from .models import DynamicViT, DynamicViTClassifier, TokenLabelingClsHead
+
+# framework -> registry name -> classes
+REGISTRATIONS = {
+    'mmpretrain': {
+        'MODELS': [DynamicViT, DynamicViTClassifier, TokenLabelingClsHead],
+        'HOOKS': [FreezeBackboneHook],
+    },
+    'mmdet': {
+        'MODELS': [DynamicViT],
+        'HOOKS': [FreezeBackboneHook],
+    },
+    'mmseg': {
+        'MODELS': [DynamicViT],
+        'HOOKS': [FreezeBackboneHook],
+    },
+}
+
+
+def register_all():
+    """Register into every installed framework; returns {framework: [class names]}. Idempotent."""
+    registered = {}
+    for framework, registries in REGISTRATIONS.items():
+        try:
+            module = importlib.import_module(f'{framework}.registry')
+        except ImportError:
+            continue  # that framework is not installed
+        for registry_name, classes in registries.items():
+            registry = getattr(module, registry_name)
+            for cls in classes:
+                if registry.module_dict.get(cls.__name__) is not cls:
+                    registry.register_module(module=cls, name=cls.__name__)
+            registered.setdefault(framework, []).extend(cls.__name__ for cls in classes)
+    return registered
+
+
+REGISTERED = register_all()

@@ -1,0 +1,84 @@
+"""Reading checkpoint files safely on torch >= 2.6 (``weights_only=True`` by default)."""
+import argparse
+import collections
+from typing import Dict, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into (the message names the keys)."""
+
+
+def safe_checkpoint_globals() -> list:
+    """Types found in mmengine / official research checkpoints that are safe to unpickle.
+
+    Allow-listed one by one for ``torch.load(weights_only=True)`` instead of turning the safe loader off:
+    mmengine's resume state (``HistoryBuffer`` with numpy arrays and scalars) and ``argparse.Namespace`` (the
+    ``args`` entry of the official DynamicViT / DVT checkpoints).
+    """
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+    types = [HistoryBuffer, argparse.Namespace, collections.OrderedDict, np.ndarray, np.dtype,
+             np.core.multiarray._reconstruct if hasattr(np, 'core') else np._core.multiarray._reconstruct,
+             np.core.multiarray.scalar if hasattr(np, 'core') else np._core.multiarray.scalar]
+    types += [type(np.dtype(name)) for name in ('float64', 'float32', 'float16', 'int64', 'int32', 'bool', 'uint8')]
+    return types
+
+
+def allow_mmengine_checkpoints():
+    """Register :func:`safe_checkpoint_globals` with torch's safe loader (mmengine's resume needs it)."""
+    torch.serialization.add_safe_globals(safe_checkpoint_globals())
+
+
+def load_checkpoint_file(path: str, map_location='cpu'):
+    """``torch.load`` with the safe loader and the allow-list above."""
+    with torch.serialization.safe_globals(safe_checkpoint_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint: mmengine's ``state_dict``, the official ``model``, or the dict itself."""
+    if isinstance(checkpoint, dict):
+        for key in ('state_dict', 'model', 'model_state_dict', 'module'):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                return dict(checkpoint[key])
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return dict(checkpoint)
+    raise CheckpointMismatchError(
+        'could not find model weights in the checkpoint: expected a state dict, or a dict with one under '
+        f"'state_dict' / 'model' / 'model_state_dict'; top-level keys: {list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """The (unwrapped) model weights of a checkpoint file; ``module.`` prefixes from DDP are removed."""
+    state_dict = unwrap_state_dict(load_checkpoint_file(path))
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict',
+                            optional_prefixes: Sequence[str] = ()) -> list:
+    """``load_state_dict`` that refuses weights that do not fit, naming the missing / unexpected / mis-shaped keys.
+
+    A group of parameters under one of ``optional_prefixes`` may be absent as a whole (e.g. the score predictors
+    when initialising from a dense checkpoint); those keep their current values. Returns the absent groups.
+    """
+    own = module.state_dict()
+    absent = [p for p in optional_prefixes if not any(k.startswith(p) for k in state_dict)]
+    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(absent))]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mis_shaped:
+        parts = [f'{source} does not fit {type(module).__name__}']
+        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                            ('shape mismatches', mis_shaped)):
+            if keys:
+                shown = ', '.join(keys[:20]) + (f', ... ({len(keys)} in all)' if len(keys) > 20 else '')
+                parts.append(f'{title}: {shown}')
+        raise CheckpointMismatchError('; '.join(parts))
+    module.load_state_dict(state_dict, strict=False)
+    return absent

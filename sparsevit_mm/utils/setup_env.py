@@ -1,0 +1,101 @@
+"""What our ``tools/`` scripts share: config loading, CLI overrides, and launching (including CPU-only DDP)."""
+import os
+import os.path as osp
+from typing import Optional, Sequence
+
+import torch
+from mmengine.config import Config
+
+from .checkpoint import allow_mmengine_checkpoints
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
+                launcher: str = 'none') -> Config:
+    """Read a config (mmpretrain / mmdet / mmseg or ours) and apply CLI overrides.
+
+    ``sparsevit_mm`` is added to ``custom_imports`` so an upstream config with only the backbone swapped finds our
+    models; the work dir is CLI > config > ``./work_dirs/<config name>``.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path} does not exist')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    imports = cfg.get('custom_imports', dict(imports=[], allow_failed_imports=False))
+    names = imports.get('imports', [])
+    names = [names] if isinstance(names, str) else list(names)
+    if 'sparsevit_mm' not in names:
+        imports['imports'] = names + ['sparsevit_mm']
+        cfg.custom_imports = imports
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    cfg.launcher = launcher
+    return cfg
+
+
+def enable_amp(cfg: Config):
+    """Mixed precision through mmengine's AmpOptimWrapper (dynamic loss scale)."""
+    optim_wrapper = cfg.get('optim_wrapper')
+    if optim_wrapper is None:
+        raise ValueError('--amp needs an optim_wrapper in the config')
+    if optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+        return
+    optim_wrapper.type = 'AmpOptimWrapper'
+    optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if not torch.cuda.is_available():
+        optim_wrapper.dtype = 'bfloat16'  # CPU autocast supports bfloat16 only
+
+
+def setup_launcher(cfg: Config, launcher: str):
+    """Prepare distributed training; on a machine without CUDA, DDP runs on CPU over gloo.
+
+    mmengine assumes one CUDA device per process (it calls ``torch.cuda.set_device`` and passes ``device_ids``);
+    without CUDA we initialise the gloo process group ourselves and wrap the model with ``device_ids=None``.
+    """
+    allow_mmengine_checkpoints()  # mmengine's resume reads its own types through torch's safe loader
+    if launcher == 'none':
+        return
+    if launcher == 'pytorch' and 'LOCAL_RANK' not in os.environ:
+        raise RuntimeError('--launcher pytorch expects to be started by torchrun (LOCAL_RANK is not set); '
+                           'use tools/dist_train.sh / tools/dist_test.sh')
+    if torch.cuda.is_available():
+        return
+    if launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {launcher} needs CUDA; on a CPU-only machine use --launcher pytorch '
+                           '(tools/dist_train.sh), which runs over gloo')
+    env_cfg = cfg.setdefault('env_cfg', {})
+    dist_cfg = env_cfg.setdefault('dist_cfg', {})
+    dist_cfg['backend'] = 'gloo'
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    wrapper.setdefault('broadcast_buffers', False)
+    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
+
+
+def build_runner(cfg: Config):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+
+
+def parse_resume(cfg: Config, resume: Optional[str]):
+    """``--resume`` alone resumes from the latest checkpoint of the work dir; ``--resume PATH`` from PATH."""
+    if resume is None:
+        return
+    cfg.resume = True
+    cfg.load_from = None if resume == 'auto' else resume
+
+
+def common_dataloader_defaults(cfg: Config, fields: Sequence[str] = ('train_dataloader', 'val_dataloader',
+                                                                       'test_dataloader')):
+    """Persistent workers only make sense with workers (mmengine refuses the combination otherwise)."""
+    for field in fields:
+        loader = cfg.get(field)
+        if loader is not None and loader.get('num_workers', 0) == 0:
+            loader['persistent_workers'] = False

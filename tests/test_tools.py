@@ -1,0 +1,128 @@
+"""Our tools/ end to end on data the tests generate: train, test, resume (1 and 2 processes), convert, analyse."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
+from .reference.official_vit import random_official_state_dict
+
+
+def scalars(work_dir):
+    """Entries of mmengine's scalars.json log (one dict per logged step)."""
+    files = sorted(Path(work_dir).glob('*/vis_data/scalars.json'))
+    assert files, f'no scalars.json under {work_dir}'
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tools')
+    data = make_imagenet_folder(root / 'data', num_classes=2, per_class=6)
+    teacher = save_tiny_teacher(root / 'teacher.pth')
+    return root, data, teacher
+
+
+def write_config(root, data, teacher, name, work_dir, **kwargs):
+    path = root / f'{name}.py'
+    path.write_text(tiny_classifier_config(data, work_dir, teacher, **kwargs))
+    return path
+
+
+def test_train_test_resume(setup):
+    root, data, teacher = setup
+    work = root / 'work'
+    config = write_config(root, data, teacher, 'tiny', work, max_iters=4)
+    run_tool('tools/train.py', config)
+    assert (work / 'iter_4.pth').is_file() and (work / 'iter_2.pth').is_file()
+    logged = scalars(work)
+    names = set().union(*logged)
+    for term in ('loss_cls', 'loss_keep_ratio', 'loss_distill_logits', 'loss_distill_tokens', 'keep_ratio_stage1'):
+        assert term in names, f'{term} missing from the training log'
+
+    out = run_tool('tools/test.py', config, work / 'iter_4.pth', '--out', root / 'preds.pkl')
+    assert re.search(r'accuracy/top1: \d', out.stdout + out.stderr)
+    assert (root / 'preds.pkl').is_file()
+    # The budget knob at test time, without retraining.
+    out = run_tool('tools/test.py', config, work / 'iter_4.pth', '--cfg-options', 'model.backbone.keep_ratio=0.4')
+    assert 'accuracy/top1' in out.stdout + out.stderr
+
+    out = run_tool('tools/train.py', config, '--resume', '--cfg-options', 'train_cfg.max_iters=6')
+    text = out.stdout + out.stderr
+    assert 'resumed' in text.lower() and 'iter_4.pth' in text
+    assert (work / 'iter_6.pth').is_file()
+    state = torch.load(work / 'iter_6.pth', weights_only=False)
+    assert state['meta']['iter'] == 6
+
+
+def test_two_process_gloo_train_test_resume(setup):
+    root, data, teacher = setup
+    work = root / 'work_dist'
+    config = write_config(root, data, teacher, 'tiny_dist', work, max_iters=2)
+    env = {'OMP_NUM_THREADS': '1'}
+    launch = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29611']
+    out = run_tool(*launch, 'tools/train.py', config, '--launcher', 'pytorch', env=env)
+    assert (work / 'iter_2.pth').is_file()
+    assert 'world_size: 2' in (out.stdout + out.stderr).replace('World size', 'world_size').lower() or \
+        'distributed: true' in (out.stdout + out.stderr).lower()
+    out = run_tool(*launch, 'tools/test.py', config, work / 'iter_2.pth', '--launcher', 'pytorch', env=env)
+    assert 'accuracy/top1' in out.stdout + out.stderr
+    run_tool(*launch, 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
+             'train_cfg.max_iters=4', env=env)
+    assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
+
+
+def test_converter_cli_and_official_checkpoint_in_test_tool(setup, tmp_path):
+    sd = random_official_state_dict(64, 4, mlp_ratio=2.0, num_classes=2, grid=4)
+    sd['patch_embed.proj.weight'] = sd['patch_embed.proj.weight'][..., :8, :8].contiguous()
+    official = tmp_path / 'official.pth'
+    torch.save({'model': sd, 'epoch': 29}, official)
+    converted = tmp_path / 'converted.pth'
+    out = run_tool('tools/model_converters/dynamicvit_to_sparsevit.py', official, converted)
+    assert 'score predictors included' in out.stdout
+    state = torch.load(converted)['state_dict']
+    assert torch.equal(state['backbone.score_predictors.1.classifier.2.weight'], sd['score_predictor.1.out_conv.2.weight'])
+    assert torch.equal(state['head.layers.head.weight'], sd['head.weight'])
+    root, data, teacher = setup
+    config = write_config(root, data, None, 'tiny_eval', tmp_path / 'eval')
+    for ckpt in (converted, official):  # tools/test.py also converts the official file on the fly
+        out = run_tool('tools/test.py', config, ckpt)
+        assert 'accuracy/top1' in out.stdout + out.stderr
+
+    broken = dict(sd)
+    broken.pop('blocks.2.mlp.fc2.weight')
+    torch.save({'model': broken}, official)
+    with pytest.raises(AssertionError, match='blocks.2.mlp.fc2.weight'):
+        run_tool('tools/model_converters/dynamicvit_to_sparsevit.py', official, converted)
+
+
+def test_get_flops_deit_small_matches_the_paper():
+    out = run_tool('tools/analysis/get_flops.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
+                   '--keep-ratios', '1.0', '0.7')
+    rows = dict(re.findall(r'^\s+([\d.]+) \|\s+([\d.]+) \|', out.stdout, re.M))
+    assert float(rows['1.000']) == pytest.approx(4.6, abs=0.1)
+    assert float(rows['0.700']) == pytest.approx(2.9, abs=0.1)
+
+
+def test_benchmark_prints_side_by_side_ratio():
+    out = run_tool('tools/analysis/benchmark.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
+                   '--batch-size', '2', '--rounds', '1', '--iters', '1', '--warmup', '1')
+    assert re.search(r'1\.000 \|\s+[\d.]+ \|\s+1\.00x', out.stdout)
+    assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+x', out.stdout)
+
+
+def test_visualize_tokens(setup, tmp_path):
+    root, data, teacher = setup
+    config = write_config(root, data, None, 'tiny_vis', tmp_path / 'vis')
+    image = tmp_path / 'demo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(image)
+    ckpt = save_tiny_teacher(tmp_path / 'model.pth')
+    out_png = tmp_path / 'tokens.png'
+    out = run_tool('tools/visualize_tokens.py', image, config, ckpt, '--out', out_png)
+    assert '3 pruning stages' in out.stdout
+    with Image.open(out_png) as png:
+        assert png.size[0] > png.size[1] > 100

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Images/s of the dense model and the dynamic model, measured side by side in one run.
+
+    python tools/analysis/benchmark.py configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py \
+        --batch-size 32 --shape 224 --keep-ratios 1.0 0.7 [--device cuda]
+
+Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense DeiT); they are timed in interleaved
+rounds so that load on a shared machine affects both alike, and the median of the rounds is reported with the
+speed-up over the first keep ratio.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
+
+from sparsevit_mm.analysis import median, side_by_side_throughput  # noqa: E402
+from sparsevit_mm.apis import init_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Dense vs dynamic throughput, side by side')
+    parser.add_argument('config')
+    parser.add_argument('--checkpoint', help='weights (random init if omitted: speed does not depend on them)')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--shape', type=int, nargs='+', default=[224])
+    parser.add_argument('--keep-ratios', type=float, nargs='+', default=None,
+                        help='settings to compare, first one is the baseline (default: 1.0 and the config\'s)')
+    parser.add_argument('--backbone-only', action='store_true')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--fp16', action='store_true', help='autocast to float16 (CUDA)')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    height, width = (args.shape * 2)[:2]
+    model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
+    backbone = model.backbone if hasattr(model, 'backbone') else model
+    whole = not args.backbone_only and hasattr(model, 'head') and hasattr(model, 'extract_feat')
+    forward = (lambda x: model(x, mode='tensor')) if whole else backbone
+    ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
+    images = torch.randn(args.batch_size, 3, height, width, device=args.device)
+
+    def setting(ratio):
+        def prepare():
+            backbone.keep_ratio = ratio
+            if args.fp16:
+                return lambda x: torch.autocast('cuda', torch.float16)(forward)(x)
+            return forward
+        return prepare
+
+    results = side_by_side_throughput({r: setting(r) for r in ratios}, images, args.rounds, args.iters, args.warmup)
+    base = median(results[ratios[0]])
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
+        f'CPU, {torch.get_num_threads()} threads'
+    print(f'{type(backbone).__name__}, batch {args.batch_size}, {height}x{width}, {device}, '
+          f'{args.rounds} interleaved rounds of {args.iters} batches')
+    print(f'{"keep ratio":>10} | {"images/s":>9} | {"speed-up":>8}')
+    table = {}
+    for ratio in ratios:
+        value = median(results[ratio])
+        table[ratio] = value
+        print(f'{ratio:>10.3f} | {value:>9.1f} | {value / base:>7.2f}x')
+    return table
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the test split of any mmpretrain / mmdet / mmseg config.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out results.pkl] [--cfg-options k=v ...]
+    bash tools/dist_test.sh CONFIG CHECKPOINT NUM_GPUS [args]
+
+``--cfg-options model.backbone.keep_ratio=0.5`` evaluates the same weights at another token budget.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmengine.config import DictAction  # noqa: E402
+
+import sparsevit_mm  # noqa: E402,F401  (registers our models)
+from sparsevit_mm.utils.setup_env import (build_runner, common_dataloader_defaults, load_config,  # noqa: E402
+                                          setup_launcher)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (evaluate) a checkpoint')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the evaluation log goes')
+    parser.add_argument('--out', help='also dump the raw predictions to this pickle file')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist')
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg.load_from = args.checkpoint
+    if cfg.get('test_dataloader') is None or cfg.get('test_evaluator') is None:
+        raise ValueError(f'{args.config} has no test_dataloader / test_evaluator to evaluate with')
+    if args.out:
+        evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+        cfg.test_evaluator = list(evaluators) + [dict(type='DumpResults', out_file_path=args.out)]
+    common_dataloader_defaults(cfg, ('test_dataloader',))
+    setup_launcher(cfg, args.launcher)
+    metrics = build_runner(cfg).test()
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Train any mmpretrain / mmdet / mmseg config (ours or upstream with a sparsevit-mm backbone).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
+    bash tools/dist_train.sh CONFIG NUM_GPUS [args]        # torchrun, --launcher pytorch
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmengine.config import DictAction  # noqa: E402
+
+import sparsevit_mm  # noqa: E402,F401  (registers our models)
+from sparsevit_mm.utils.setup_env import (build_runner, common_dataloader_defaults, enable_amp,  # noqa: E402
+                                          load_config, parse_resume, setup_launcher)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model with mmengine\'s runner')
+    parser.add_argument('config', help='config file (mmpretrain, mmdet, mmseg or configs/ of this repo)')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default ./work_dirs/<config name>)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None,
+                        help='resume from CKPT, or from the latest checkpoint in the work dir if no CKPT is given')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
+    parser.add_argument('--no-validate', action='store_true', help='skip validation during training')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by the actual batch size / auto_scale_lr.base_batch_size')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    if args.no_validate:
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    if args.amp:
+        enable_amp(cfg)
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg:
+            raise ValueError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    parse_resume(cfg, args.resume)
+    common_dataloader_defaults(cfg)
+    setup_launcher(cfg, args.launcher)
+    build_runner(cfg).train()
+
+
+if __name__ == '__main__':
+    main()
