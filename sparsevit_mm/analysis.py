@@ -25,10 +25,12 @@ def _sdpa_flop_jit(inputs, outputs) -> int:
 
 
 class _TensorForward(nn.Module):
+    """Traceable wrapper; ``module`` is registered so its weights are parameters, not constants, of the trace."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, module: nn.Module):
         super().__init__()
         self.fn = fn
+        self.module = module
 
     def forward(self, x):
         out = self.fn(x)
@@ -40,9 +42,9 @@ def count_flops(fn: Callable, inputs: torch.Tensor, module: nn.Module = None) ->
     """FLOPs (multiply-adds) of ``fn(inputs)``; ``module`` (default: ``fn`` itself) is put in eval mode."""
     from mmengine.analysis import FlopAnalyzer
     target = module if module is not None else fn
-    if isinstance(target, nn.Module):
-        target.eval()
-    wrapped = _TensorForward(fn)
+    if not isinstance(target, nn.Module):
+        raise TypeError('count_flops needs the nn.Module that `fn` runs (pass it as `module`)')
+    wrapped = _TensorForward(fn, target.eval())
     analyzer = FlopAnalyzer(wrapped, (inputs, ))
     analyzer.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_jit)
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

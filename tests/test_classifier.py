@@ -1,12 +1,12 @@
 """The DynamicViT objective as an mmpretrain classifier, and mmpretrain's own DeiT config with our backbone."""
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
-from sparsevit_mm.models import DynamicViTClassifier, TokenLabelingClsHead
+from sparsevit_mm.models import TokenLabelingClsHead
+from sparsevit_mm.utils.setup_env import read_config
 
 from .helpers import TINY_ARCH, save_tiny_teacher
 
@@ -101,8 +101,9 @@ def test_teacher_from_an_mmpretrain_config_file():
 
 
 def test_mmpretrain_deit_config_with_only_the_backbone_swapped_trains_a_step():
-    cfg = Config.fromfile('mmpretrain::deit/deit-small_4xb256_in1k.py')
+    cfg = read_config('mmpretrain::deit/deit-small_4xb256_in1k.py')
     cfg.model.backbone = dict(type='DynamicViT', arch='deit-small', keep_ratio=0.7)
+    cfg.model.setdefault('data_preprocessor', cfg.data_preprocessor)  # as the Runner does
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         model = MODELS.build(cfg.model)
         from mmengine.optim import build_optim_wrapper

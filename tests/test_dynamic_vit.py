@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from sparsevit_mm.converters.dynamicvit import infer_arch, official_to_classifier, to_backbone_state_dict
+from sparsevit_mm.converters.dynamicvit import infer_backbone_kwargs, official_to_classifier, to_backbone_state_dict
 from sparsevit_mm.models import DynamicViT
 from sparsevit_mm.utils import CheckpointMismatchError
 
@@ -72,8 +72,11 @@ def test_official_checkpoint_reproduces_official_outputs(lvvit, batch):
 
 
 def test_infer_arch_from_checkpoint():
-    assert infer_arch(random_official_state_dict(384, 12))['name'] == 'deit-small'
-    assert infer_arch(random_official_state_dict(384, 16, 3.0, lvvit=True))['name'] == 'lvvit-s'
+    assert infer_backbone_kwargs(random_official_state_dict(384, 12)) == dict(arch='deit-small', patch_size=16,
+                                                                              img_size=224)
+    assert infer_backbone_kwargs(random_official_state_dict(384, 16, 3.0, lvvit=True))['arch'] == 'lvvit-s'
+    custom = infer_backbone_kwargs(random_official_state_dict(64, 4, 2.0, grid=4))
+    assert custom['img_size'] == 64 and custom['arch']['num_layers'] == 4 and custom['arch']['num_heads'] == 1
 
 
 def test_keep_ratio_changes_at_inference_and_one_is_dense():

@@ -52,7 +52,7 @@ def test_linear_schedule_rejects_a_ratio_that_empties_the_last_stage():
     assert stage_keep_ratios(1.0, 3, 'linear') == [1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize('layers', [[0, 3, 6], [3, 12], [6, 3], [3, 3], []])
+@pytest.mark.parametrize('layers', [[-1, 3, 6], [3, 12], [6, 3], [3, 3], []])
 def test_bad_prune_layers_raise(layers):
     with pytest.raises(ValueError, match='prune_layers'):
         check_prune_layers(layers, depth=12)
@@ -112,7 +112,7 @@ def test_predictor_global_context_ignores_dropped_tokens():
     assert torch.allclose(out.exp().sum(-1), torch.ones(1, 8), atol=1e-5)
     # Changing a dropped token must not change the scores of the kept ones.
     x2 = x.clone()
-    x2[0, 6] += 10
+    x2[0, 6] = torch.randn(16) * 3
     assert torch.allclose(predictor(x2, policy)[0, :4], out[0, :4], atol=1e-6)
     # Without a policy the context is the mean of all tokens: the first four scores change.
     assert not torch.allclose(predictor(x2)[0, :4], predictor(x)[0, :4])

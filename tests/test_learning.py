@@ -24,12 +24,15 @@ def batch(rng, size):
 def test_kept_tokens_cover_the_object():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    # 16 patch tokens; one pruning stage before block 1 keeps 4 of them (chance of covering the object: 25%).
+    # 16 patch tokens; one pruning stage keeps 4 of them (chance of covering the object: 25%). It sits before
+    # block 0, so no attention has copied the object's colour into other tokens before the decision.
     model = DynamicViT(arch=dict(embed_dims=64, num_layers=3, num_heads=4, mlp_ratio=2.0), img_size=32, patch_size=8,
-                       prune_layers=[1], keep_ratio=0.25)
+                       prune_layers=[0], keep_ratio=0.25)
     model.init_weights()
     head = torch.nn.Linear(64, 4)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.0)
+    # A moderate lr: with Adam at 2e-3 the predictor can saturate at "keep all" before the keep-ratio loss acts
+    # (the recipes warm the lr up for the same reason).
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=5e-4, weight_decay=0.0)
 
     def coverage():
         model.eval()
@@ -40,7 +43,7 @@ def test_kept_tokens_cover_the_object():
         return (kept == where[:, None]).any(1).float().mean().item()
 
     before = coverage()
-    for _ in range(250):
+    for _ in range(300):
         x, y, _ = batch(rng, 32)
         result = model.forward_sparse(x)
         loss = F.cross_entropy(head(result.outs[0]), y) + 2.0 * keep_ratio_loss(result.keep_decisions,

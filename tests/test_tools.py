@@ -1,6 +1,7 @@
 """Our tools/ end to end on data the tests generate: train, test, resume (1 and 2 processes), convert, analyse."""
 import json
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ from PIL import Image
 
 from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
 from .reference.official_vit import random_official_state_dict
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def scalars(work_dir):
@@ -64,14 +71,17 @@ def test_two_process_gloo_train_test_resume(setup):
     work = root / 'work_dist'
     config = write_config(root, data, teacher, 'tiny_dist', work, max_iters=2)
     env = {'OMP_NUM_THREADS': '1'}
-    launch = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29611']
-    out = run_tool(*launch, 'tools/train.py', config, '--launcher', 'pytorch', env=env)
+
+    def launch():
+        return ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}']
+
+    out = run_tool(*launch(), 'tools/train.py', config, '--launcher', 'pytorch', env=env)
     assert (work / 'iter_2.pth').is_file()
-    assert 'world_size: 2' in (out.stdout + out.stderr).replace('World size', 'world_size').lower() or \
-        'distributed: true' in (out.stdout + out.stderr).lower()
-    out = run_tool(*launch, 'tools/test.py', config, work / 'iter_2.pth', '--launcher', 'pytorch', env=env)
+    text = out.stdout + out.stderr
+    assert 'Distributed training: True' in text and 'GPU number: 2' in text  # mmengine's words for world size 2
+    out = run_tool(*launch(), 'tools/test.py', config, work / 'iter_2.pth', '--launcher', 'pytorch', env=env)
     assert 'accuracy/top1' in out.stdout + out.stderr
-    run_tool(*launch, 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
+    run_tool(*launch(), 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
              'train_cfg.max_iters=4', env=env)
     assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
 

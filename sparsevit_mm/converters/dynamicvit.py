@@ -113,26 +113,34 @@ def official_to_classifier(state_dict: StateDict) -> StateDict:
     return out
 
 
-def infer_arch(state_dict: StateDict) -> dict:
-    """Arch settings (a custom-arch dict for :class:`DynamicViT`) read off a backbone state dict's shapes."""
+def infer_backbone_kwargs(state_dict: StateDict) -> dict:
+    """:class:`DynamicViT` keyword arguments (``arch``, ``patch_size``, ``img_size``) read off a checkpoint's shapes.
+
+    ``arch`` is a zoo name when the shapes match one, else a custom dict (the head count is not stored in
+    checkpoints; a custom arch assumes 64 channels per head, the ViT convention).
+    """
     backbone = to_backbone_state_dict(state_dict)
     try:
         embed_dims = backbone['cls_token'].shape[-1]
         num_layers = 1 + max(int(k.split('.')[1]) for k in backbone if k.startswith('blocks.'))
         hidden = backbone['blocks.0.mlp.fc1.weight'].shape[0]
+        conv_stem = 'patch_embed.conv1.weight' in backbone
+        patch_size = backbone['patch_embed.proj.weight'].shape[-1] * (2 if conv_stem else 1)
+        grid = round((backbone['pos_embed'].shape[1] - 1) ** 0.5)
     except (KeyError, ValueError) as error:
-        raise CheckpointMismatchError(f'cannot read the ViT arch off this checkpoint: {error!r}') from error
-    conv_stem = 'patch_embed.conv1.weight' in backbone
+        raise CheckpointMismatchError(f'cannot read the ViT arch off this checkpoint: missing {error}') from error
     arch = dict(embed_dims=embed_dims, num_layers=num_layers, mlp_ratio=hidden / embed_dims,
                 qkv_bias='blocks.0.attn.qkv.bias' in backbone, stem='conv' if conv_stem else 'patch',
                 residual_scale=2.0 if conv_stem else 1.0)
     from ..models.backbones.dynamic_vit import DynamicViT
     for name, settings in DynamicViT.arch_zoo.items():
-        full = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0, **settings)
+        full = {**DynamicViT.arch_defaults, **settings}
         if all(full[k] == v for k, v in arch.items()):
-            return dict(name=name, **full)
-    arch['num_heads'] = max(1, embed_dims // 64)  # not stored in a checkpoint; ViT convention of 64-dim heads
-    return dict(name=None, **arch)
+            arch = name
+            break
+    else:
+        arch['num_heads'] = max(1, embed_dims // 64)
+    return dict(arch=arch, patch_size=patch_size, img_size=grid * patch_size)
 
 
 def to_classifier_state_dict(state_dict: StateDict) -> StateDict:

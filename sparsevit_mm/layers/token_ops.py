@@ -105,14 +105,14 @@ def stage_keep_ratios(keep_ratio: Union[float, Sequence[float]], num_stages: int
 
 
 def check_prune_layers(prune_layers: Sequence[int], depth: int, name: str = 'prune_layers') -> List[int]:
-    """Validate block indices that get a score predictor: in [1, depth), strictly increasing."""
+    """Validate block indices that get a score predictor (it runs before that block): in [0, depth), increasing."""
     layers = [int(i) for i in prune_layers]
     if not layers:
         raise ValueError(f'{name} must name at least one block, got {list(prune_layers)}')
-    bad = [i for i in layers if not 0 < i < depth]
+    bad = [i for i in layers if not 0 <= i < depth]
     if bad:
-        raise ValueError(f'{name} {layers}: {bad} out of range; allowed block indices are 1..{depth - 1} '
-                         f'(a predictor runs before the block it names, and block 0 sees every token)')
+        raise ValueError(f'{name} {layers}: {bad} out of range; allowed block indices are 0..{depth - 1} '
+                         f'(a predictor runs before the block it names)')
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise ValueError(f'{name} must be strictly increasing, got {layers}')
     return layers

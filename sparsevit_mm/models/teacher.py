@@ -3,7 +3,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
-from mmengine.config import Config, ConfigDict
+from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
@@ -38,7 +38,8 @@ class FrozenTeacher:
             raise ValueError('teacher needs exactly one of `config` (an mmpretrain config file) or `model` '
                              f'(a model dict); got config={config!r}, model={model!r}')
         if config is not None:
-            model = Config.fromfile(config).model
+            from ..utils.setup_env import read_config
+            model = read_config(config).model
         from mmpretrain.registry import MODELS
         self.model: nn.Module = MODELS.build(ConfigDict(model) if isinstance(model, dict) else model)
         self.model.requires_grad_(False).eval()

@@ -15,14 +15,16 @@ def safe_checkpoint_globals() -> list:
     """Types found in mmengine / official research checkpoints that are safe to unpickle.
 
     Allow-listed one by one for ``torch.load(weights_only=True)`` instead of turning the safe loader off:
-    mmengine's resume state (``HistoryBuffer`` with numpy arrays and scalars) and ``argparse.Namespace`` (the
-    ``args`` entry of the official DynamicViT / DVT checkpoints).
+    mmengine's resume state (``HistoryBuffer`` with numpy arrays and scalars, and its statistics methods, which
+    pickle as ``getattr(HistoryBuffer, 'mean')``) and ``argparse.Namespace`` (the ``args`` entry of the official
+    DynamicViT / DVT checkpoints). ``getattr`` only looks attributes up: the safe loader still refuses to call
+    anything that is not on its allow-list.
     """
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
-    types = [HistoryBuffer, argparse.Namespace, collections.OrderedDict, np.ndarray, np.dtype,
-             np.core.multiarray._reconstruct if hasattr(np, 'core') else np._core.multiarray._reconstruct,
-             np.core.multiarray.scalar if hasattr(np, 'core') else np._core.multiarray.scalar]
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    types = [HistoryBuffer, getattr, argparse.Namespace, collections.OrderedDict, np.ndarray, np.dtype,
+             multiarray._reconstruct, multiarray.scalar]
     types += [type(np.dtype(name)) for name in ('float64', 'float32', 'float16', 'int64', 'int32', 'bool', 'uint8')]
     return types
 
@@ -34,7 +36,11 @@ def allow_mmengine_checkpoints():
 
 def load_checkpoint_file(path: str, map_location='cpu'):
     """``torch.load`` with the safe loader and the allow-list above."""
-    with torch.serialization.safe_globals(safe_checkpoint_globals()):
+    # Only add what is not registered yet: leaving the context removes its globals, even ones that
+    # allow_mmengine_checkpoints() had registered for the whole process.
+    registered = set(torch.serialization.get_safe_globals())
+    missing = [g for g in safe_checkpoint_globals() if g not in registered]
+    with torch.serialization.safe_globals(missing):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 

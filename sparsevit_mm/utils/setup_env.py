@@ -9,6 +9,16 @@ from mmengine.config import Config
 from .checkpoint import allow_mmengine_checkpoints
 
 
+def read_config(path: str) -> Config:
+    """``Config.fromfile`` that also takes ``'mmpretrain::deit/deit-small_4xb256_in1k.py'``-style paths."""
+    if '::' in path:
+        from mmengine.hub import get_config
+        return get_config(path)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file {path} does not exist')
+    return Config.fromfile(path)
+
+
 def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
                 launcher: str = 'none') -> Config:
     """Read a config (mmpretrain / mmdet / mmseg or ours) and apply CLI overrides.
@@ -16,9 +26,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     ``sparsevit_mm`` is added to ``custom_imports`` so an upstream config with only the backbone swapped finds our
     models; the work dir is CLI > config > ``./work_dirs/<config name>``.
     """
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file {path} does not exist')
-    cfg = Config.fromfile(path)
+    cfg = read_config(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     imports = cfg.get('custom_imports', dict(imports=[], allow_failed_imports=False))
@@ -30,7 +38,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optiona
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path.split('::')[-1]))[0])
     cfg.launcher = launcher
     return cfg
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from sparsevit_mm.converters.dynamicvit import detect_layout, infer_arch, official_to_classifier  # noqa: E402
+from sparsevit_mm.converters.dynamicvit import detect_layout, infer_backbone_kwargs, official_to_classifier  # noqa: E402,E501
 from sparsevit_mm.models import DynamicViT  # noqa: E402
 from sparsevit_mm.utils.checkpoint import load_state_dict_file  # noqa: E402
 
@@ -29,17 +29,18 @@ def convert(src: str, dst: str, num_heads: int = None) -> dict:
     if layout != 'official':
         raise SystemExit(f'{src} is not in the official DynamicViT / DeiT / LV-ViT layout (looks like {layout!r})')
     converted = official_to_classifier(state_dict)
-    arch = infer_arch(state_dict)
-    name = arch.pop('name')
+    kwargs = infer_backbone_kwargs(state_dict)
     if num_heads is not None:
-        arch['num_heads'] = num_heads
-    backbone = DynamicViT(arch=name or arch, keep_ratio=1.0)
+        if isinstance(kwargs['arch'], str):
+            kwargs['arch'] = dict(DynamicViT.arch_zoo[kwargs['arch']])
+        kwargs['arch']['num_heads'] = num_heads
+    backbone = DynamicViT(**kwargs, keep_ratio=1.0)
     backbone.load_checked({k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')},
                           source=src)
     head = 'TokenLabelingClsHead' if 'head.token_fc.weight' in converted else 'VisionTransformerClsHead'
     num_classes = converted['head.cls_fc.weight' if head == 'TokenLabelingClsHead' else 'head.layers.head.weight'].shape[0]
     has_predictors = any(k.startswith('backbone.score_predictors.') for k in converted)
-    meta = dict(source=os.path.abspath(src), arch=name or arch, head=head, num_classes=num_classes,
+    meta = dict(source=os.path.abspath(src), **kwargs, head=head, num_classes=num_classes,
                 score_predictors=has_predictors)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save({'state_dict': converted, 'meta': meta}, dst)

@@ -121,6 +121,7 @@ class DynamicViT(SparseBackbone):
         'lvvit-m': dict(embed_dims=512, num_layers=20, num_heads=8, mlp_ratio=3.0, qkv_bias=False, stem='conv',
                         residual_scale=2.0),
     }
+    arch_defaults = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0)
     OUT_TYPES = ('cls_token', 'raw', 'featmap', 'avg_featmap')
     num_extra_tokens = 1
 
@@ -142,8 +143,7 @@ class DynamicViT(SparseBackbone):
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self.resolve_arch(arch, required=('embed_dims', 'num_layers', 'num_heads'))
-        settings = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0)
-        settings.update(self.arch_settings)
+        settings = {**self.arch_defaults, **self.arch_settings}
         self.embed_dims = embed_dims = settings['embed_dims']
         self.num_layers = depth = settings['num_layers']
         if out_type not in self.OUT_TYPES:
