@@ -36,11 +36,13 @@ class FreezeBackboneHook(Hook):
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             frozen = {id(p) for name, p in getattr(model, self.module).named_parameters()
                       if not any(t in name for t in self.trainable)}
-            optimizer = runner.optim_wrapper.optimizer
-            self._groups = [g for g in optimizer.param_groups if g['params'] and all(id(p) in frozen
-                                                                                   for p in g['params'])]
-            mixed = [g for g in optimizer.param_groups if g not in self._groups and
-                     any(id(p) in frozen for p in g['params'])]
+            self._groups, mixed = [], False
+            for group in runner.optim_wrapper.optimizer.param_groups:
+                in_backbone = [id(p) in frozen for p in group['params']]
+                if in_backbone and all(in_backbone):
+                    self._groups.append(group)
+                elif any(in_backbone):
+                    mixed = True
             if mixed:
                 raise ValueError('FreezeBackboneHook needs the backbone in parameter groups of its own; add a '
                                  f"paramwise_cfg custom key for '{self.module}' (e.g. lr_mult=0.01)")

@@ -49,6 +49,10 @@ class FrozenTeacher:
         self._hook = None
         self._loaded = False
 
+    def __deepcopy__(self, memo):
+        # Frozen and shared: copies of the student (e.g. the EMA model) use the same teacher.
+        return self
+
     def load(self):
         """Initialise, then load the checkpoint strictly (called from the student's ``init_weights``)."""
         self.model.init_weights()
