@@ -50,10 +50,11 @@ def enable_amp(cfg: Config):
         raise ValueError('--amp needs an optim_wrapper in the config')
     if optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
         return
+    if not torch.cuda.is_available():
+        raise RuntimeError('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper runs on GPU / NPU / MLU only); '
+                           'drop --amp to train in float32 on this machine')
     optim_wrapper.type = 'AmpOptimWrapper'
     optim_wrapper.setdefault('loss_scale', 'dynamic')
-    if not torch.cuda.is_available():
-        optim_wrapper.dtype = 'bfloat16'  # CPU autocast supports bfloat16 only
 
 
 def setup_launcher(cfg: Config, launcher: str):
