@@ -7,22 +7,26 @@ mmdet, mmseg), so configs with ``default_scope`` ``'mmpretrain'``, ``'mmdet'`` o
 """
 import importlib
 
-from .engine import FreezeBackboneHook
-from .models import DynamicViT, DynamicViTClassifier, TokenLabelingClsHead
+from .engine import FreezeBackboneHook, KeepRatioLossHook
+from .models import (DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
+                     TokenLabelingClsHead)
+
+BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
+HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
 
 # framework -> registry name -> classes
 REGISTRATIONS = {
     'mmpretrain': {
-        'MODELS': [DynamicViT, DynamicViTClassifier, TokenLabelingClsHead],
-        'HOOKS': [FreezeBackboneHook],
+        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead],
+        'HOOKS': HOOKS,
     },
     'mmdet': {
-        'MODELS': [DynamicViT],
-        'HOOKS': [FreezeBackboneHook],
+        'MODELS': BACKBONES,
+        'HOOKS': HOOKS,
     },
     'mmseg': {
-        'MODELS': [DynamicViT],
-        'HOOKS': [FreezeBackboneHook],
+        'MODELS': BACKBONES,
+        'HOOKS': HOOKS,
     },
 }
 

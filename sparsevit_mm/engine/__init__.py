@@ -1,3 +1,3 @@
-from .hooks import FreezeBackboneHook
+from .hooks import FreezeBackboneHook, KeepRatioLossHook
 
-__all__ = ['FreezeBackboneHook']
+__all__ = ['FreezeBackboneHook', 'KeepRatioLossHook']

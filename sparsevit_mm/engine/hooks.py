@@ -1,8 +1,10 @@
 """Training hooks of the sparsevit-mm recipes."""
-from typing import Sequence
+from typing import Optional, Sequence
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+
+from ..layers import keep_ratio_terms
 
 
 class FreezeBackboneHook(Hook):
@@ -60,3 +62,44 @@ class FreezeBackboneHook(Hook):
         for group, lr in zip(self._groups or [], self._saved):
             group['lr'] = lr
         self._saved = []
+
+
+class KeepRatioLossHook(Hook):
+    """Adds the backbone's keep-ratio loss to any model's loss dict (detectors, segmentors, classifiers).
+
+    mmdet's and mmseg's models build their loss dicts from their heads only. This hook wraps the model's ``loss``
+    once, before training: after the original loss it takes the keep decisions the sparse backbone left from that
+    forward pass and adds ``loss_keep_ratio`` (weight x mean over stages of the squared error between each sample's
+    kept fraction and the stage target) plus ``keep_ratio_stage{s}`` for the log. Works under DDP (the wrapped
+    method is the module's own). ``tools/train.py`` adds this hook by itself when the backbone is one of ours;
+    with other training scripts add ``custom_hooks = [dict(type='KeepRatioLossHook')]``.
+
+    Args:
+        weight: loss weight; None takes the backbone's default (DynamicViT 2.0, Swin / ConvNeXt 10.0, as the
+            official recipes).
+    """
+    priority = 'NORMAL'
+
+    def __init__(self, weight: Optional[float] = None):
+        self.weight = weight
+
+    def before_train(self, runner):
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        backbone = getattr(model, 'backbone', None)
+        if backbone is None or not hasattr(backbone, 'pop_keep_decisions'):
+            raise TypeError(f'KeepRatioLossHook needs a model with a sparse backbone (DynamicViT, '
+                            f'DynamicSwinTransformer, DynamicConvNeXt); got {type(backbone).__name__}')
+        if getattr(model, '_keep_ratio_loss_wrapped', False):
+            return
+        weight = self.weight if self.weight is not None else backbone.default_keep_ratio_weight
+        original_loss = model.loss
+
+        def loss_with_keep_ratio(*args, **kwargs):
+            losses = original_loss(*args, **kwargs)
+            decisions = backbone.pop_keep_decisions()
+            if decisions:
+                losses.update(keep_ratio_terms(decisions, backbone.stage_ratios, weight))
+            return losses
+
+        model.loss = loss_with_keep_ratio
+        model._keep_ratio_loss_wrapped = True

@@ -62,6 +62,14 @@ def keep_ratio_loss(decisions: Sequence[torch.Tensor], targets: Sequence[float])
     return torch.stack(per_stage).mean()
 
 
+def keep_ratio_terms(decisions: Sequence[torch.Tensor], targets: Sequence[float], weight: float) -> dict:
+    """Loss-dict entries: ``loss_keep_ratio`` (weighted) and, for the log, each stage's mean kept fraction."""
+    terms = {'loss_keep_ratio': weight * keep_ratio_loss(decisions, targets[:len(decisions)])}
+    for stage, decision in enumerate(decisions, start=1):
+        terms[f'keep_ratio_stage{stage}'] = decision.detach().float().mean()
+    return terms
+
+
 def check_keep_ratios(ratios: Sequence[float], decreasing: bool = True) -> List[float]:
     """Validate per-stage keep ratios: each in (0, 1] and (optionally) non-increasing."""
     ratios = [float(r) for r in ratios]

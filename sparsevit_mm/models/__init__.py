@@ -1,6 +1,7 @@
-from .backbones import DynamicViT
+from .backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
 from .classifiers import DynamicViTClassifier
 from .heads import TokenLabelingClsHead
 from .teacher import FrozenTeacher
 
-__all__ = ['DynamicViT', 'DynamicViTClassifier', 'TokenLabelingClsHead', 'FrozenTeacher']
+__all__ = ['DynamicConvNeXt', 'DynamicSwinTransformer', 'DynamicViT', 'DynamicViTClassifier', 'TokenLabelingClsHead',
+           'FrozenTeacher']

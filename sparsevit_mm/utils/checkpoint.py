@@ -1,6 +1,7 @@
 """Reading checkpoint files safely on torch >= 2.6 (``weights_only=True`` by default)."""
 import argparse
 import collections
+import re
 from typing import Dict, Sequence
 
 import torch
@@ -66,15 +67,16 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_state_dict_checked(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict',
-                            optional_prefixes: Sequence[str] = ()) -> list:
+                            optional_groups: Sequence[str] = ()) -> list:
     """``load_state_dict`` that refuses weights that do not fit, naming the missing / unexpected / mis-shaped keys.
 
-    A group of parameters under one of ``optional_prefixes`` may be absent as a whole (e.g. the score predictors
-    when initialising from a dense checkpoint); those keep their current values. Returns the absent groups.
+    ``optional_groups`` are regular expressions; a group of parameters matching one may be absent from the
+    checkpoint as a whole (e.g. score predictors when initialising from a dense checkpoint): those keep their
+    current values. A group that is partly present must be complete. Returns the absent groups.
     """
     own = module.state_dict()
-    absent = [p for p in optional_prefixes if not any(k.startswith(p) for k in state_dict)]
-    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(absent))]
+    absent = [g for g in optional_groups if not any(re.search(g, k) for k in state_dict)]
+    missing = [k for k in own if k not in state_dict and not any(re.search(g, k) for g in absent)]
     unexpected = [k for k in state_dict if k not in own]
     mis_shaped = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
@@ -87,4 +89,4 @@ def load_state_dict_checked(module: nn.Module, state_dict: Dict[str, torch.Tenso
                 parts.append(f'{title}: {shown}')
         raise CheckpointMismatchError('; '.join(parts))
     module.load_state_dict(state_dict, strict=False)
-    return absent
+    return [g for g in absent if any(re.search(g, k) for k in own)]

@@ -1,26 +1,83 @@
-"""What every sparsevit-mm backbone shares: arch lookup, output indices, and checked pretrained loading."""
+"""What every sparsevit-mm backbone shares: the forward contract, arch lookup, and checked pretrained loading."""
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...utils.checkpoint import CheckpointMismatchError, load_state_dict_checked, load_state_dict_file
+
+
+@dataclass
+class TokenSparsityResult:
+    """Everything one forward pass of a sparse backbone produced.
+
+    Attributes:
+        outs: what ``forward`` returns (one entry per ``out_indices``).
+        keep_decisions: training only; per stage the (B, N) 0/1 keep (or slow-path) mask, differentiable.
+        kept_indices: inference only; per stage the (B, K_s) indices of the positions kept (or sent to the slow
+            path), in absolute patch / map positions.
+        patch_tokens: the final normed tokens (B, N, C) a teacher's are compared with in distillation.
+        token_mask: (B, N) which of ``patch_tokens`` distillation covers (None: all of them).
+        grid: (H, W) of the token grid at the sparse stage.
+    """
+    outs: Tuple[torch.Tensor, ...]
+    keep_decisions: List[torch.Tensor] = field(default_factory=list)
+    kept_indices: List[torch.Tensor] = field(default_factory=list)
+    patch_tokens: Optional[torch.Tensor] = None
+    token_mask: Optional[torch.Tensor] = None
+    grid: Tuple[int, int] = (0, 0)
 
 
 class SparseBackbone(BaseModule):
     """Base class of the dynamic backbones.
 
+    Subclasses implement ``forward_sparse(images) -> TokenSparsityResult`` and keep ``stage_ratios`` (the target
+    keep fraction of each pruning stage). ``forward`` returns the outputs as any mmpretrain / mmdet / mmseg
+    backbone does; in training it also leaves the keep decisions in ``pending_keep_decisions`` for
+    :class:`~sparsevit_mm.engine.KeepRatioLossHook`, which adds the keep-ratio loss to a detector's or segmentor's
+    loss dict.
+
     Subclasses define ``arch_zoo``, ``default_init()``, ``convert_checkpoint(state_dict)`` (any supported layout ->
-    this module's keys) and ``optional_checkpoint_prefixes`` (parameter groups a pretrained checkpoint may lack,
-    such as score predictors that a dense checkpoint never had).
+    this module's keys) and ``optional_checkpoint_groups`` (regular expressions of parameter groups a pretrained
+    checkpoint may lack as a whole, such as score predictors that a dense checkpoint never had).
 
     ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None)`` is handled here instead of by mmengine's
     non-strict loader: the checkpoint is converted from whatever layout it has, and a checkpoint that does not fit
     raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-shaped keys.
     """
     arch_zoo: Dict[str, dict] = {}
-    optional_checkpoint_prefixes: Tuple[str, ...] = ()
+    optional_checkpoint_groups: Tuple[str, ...] = ()
+    default_keep_ratio_weight: float = 2.0
+    norm_eval: bool = False
+    pending_keep_decisions: Optional[List[torch.Tensor]] = None
+
+    def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) -> tuple with one output per ``out_indices``."""
+        result = self.forward_sparse(images)
+        self.pending_keep_decisions = result.keep_decisions if self.training and result.keep_decisions else None
+        return result.outs
+
+    def pop_keep_decisions(self) -> Optional[List[torch.Tensor]]:
+        decisions, self.pending_keep_decisions = self.pending_keep_decisions, None
+        return decisions
+
+    def _freeze_stages(self):
+        pass
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
 
     @classmethod
     def resolve_arch(cls, arch: Union[str, dict], required: Sequence[str]) -> dict:
@@ -86,6 +143,6 @@ class SparseBackbone(BaseModule):
 
     def load_checked(self, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict'):
         """Load converted weights strictly (see :func:`load_state_dict_checked`)."""
-        absent = load_state_dict_checked(self, state_dict, source, self.optional_checkpoint_prefixes)
+        absent = load_state_dict_checked(self, state_dict, source, self.optional_checkpoint_groups)
         if absent:
             print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')

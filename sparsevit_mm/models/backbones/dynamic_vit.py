@@ -12,7 +12,6 @@ patch tokens (the cls token is always kept).
 ``keep_ratio`` is a plain attribute: changing it (config, ``--cfg-options``, or at run time) changes the budget
 without retraining, and ``keep_ratio=1.0`` is exactly the dense DeiT / LV-ViT.
 """
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,7 +22,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 
 from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter, check_prune_layers,
                        num_kept, sample_keep_decision, stage_keep_ratios, topk_indices)
-from .base import SparseBackbone
+from .base import SparseBackbone, TokenSparsityResult
 
 
 class ConvStemPatchEmbed(nn.Module):
@@ -69,25 +68,6 @@ class DynamicViTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) / self.residual_scale
 
 
-@dataclass
-class TokenSparsityResult:
-    """Everything one forward pass produced.
-
-    Attributes:
-        outs: what :meth:`DynamicViT.forward` returns (one entry per ``out_indices``).
-        keep_decisions: training only; per stage the (B, N) cumulative 0/1 keep mask (differentiable).
-        kept_indices: inference only; per stage the (B, K_s) absolute patch indices still kept.
-        patch_tokens: the final normed patch tokens: (B, N, C) in training (dropped ones included, see
-            ``keep_decisions``), (B, K, C) at inference in the order of ``kept_indices[-1]``.
-        grid: (H, W) of the patch grid.
-    """
-    outs: Tuple[torch.Tensor, ...]
-    keep_decisions: List[torch.Tensor] = field(default_factory=list)
-    kept_indices: List[torch.Tensor] = field(default_factory=list)
-    patch_tokens: Optional[torch.Tensor] = None
-    grid: Tuple[int, int] = (0, 0)
-
-
 class DynamicViT(SparseBackbone):
     """DynamicViT backbone (DeiT / LV-ViT with learned token pruning).
 
@@ -107,6 +87,7 @@ class DynamicViT(SparseBackbone):
         final_norm: apply the final LayerNorm to the last output.
         drop_rate / attn_drop_rate / drop_path_rate: regularisation (drop path grows linearly with depth).
         frozen_stages: freeze the patch embedding and this many first blocks (0 = nothing frozen).
+        norm_eval: keep BatchNorm layers (LV-ViT's stem) in eval mode during training.
         with_cp: gradient checkpointing of the blocks.
         init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads our, the official DynamicViT,
             DeiT (timm / official), LV-ViT or mmpretrain-ViT checkpoints (converted on the fly).
@@ -139,6 +120,7 @@ class DynamicViT(SparseBackbone):
                  attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0,
                  frozen_stages: int = 0,
+                 norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
@@ -177,6 +159,7 @@ class DynamicViT(SparseBackbone):
         self.score_predictors = nn.ModuleList(TokenScorePredictor(embed_dims) for _ in self.prune_layers)
         self.keep_ratio = keep_ratio  # validated by the property below
         self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
         self.with_cp = with_cp
         self._freeze_stages()
 
@@ -219,7 +202,7 @@ class DynamicViT(SparseBackbone):
         return state_dict
 
     # A dense DeiT / LV-ViT checkpoint has no predictors; they keep their fresh init.
-    optional_checkpoint_prefixes = ('score_predictors.',)
+    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', )
 
     def _freeze_stages(self):
         if self.frozen_stages <= 0:
@@ -231,11 +214,6 @@ class DynamicViT(SparseBackbone):
             module.eval()
             for param in module.parameters():
                 param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        return self
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer id for layer-wise lr decay (mmpretrain's contract): embeddings 0, block i -> i + 1.
@@ -298,6 +276,7 @@ class DynamicViT(SparseBackbone):
                     previous = decision if decision is not None else x.new_ones(batch, num_patches, 1)
                     decision = sample_keep_decision(predictor(x[:, 1:], previous), previous)
                     result.keep_decisions.append(decision.squeeze(-1))
+                    result.token_mask = result.keep_decisions[-1]
                     policy = torch.cat([x.new_ones(batch, 1), decision.squeeze(-1)], dim=1)
                 else:
                     if kept is None:
@@ -340,7 +319,3 @@ class DynamicViT(SparseBackbone):
         if kept is not None:
             patches = self.fill_back(dropped, kept, patches, grid[0] * grid[1])
         return patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """(B, 3, H, W) -> tuple with one output per ``out_indices`` (shape per ``out_type``)."""
-        return self.forward_sparse(images).outs

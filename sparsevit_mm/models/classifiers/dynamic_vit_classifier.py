@@ -8,7 +8,7 @@ from mmpretrain.structures import DataSample
 from mmengine.logging import print_log
 
 from ...converters import adapt_state_dict
-from ...layers import keep_ratio_loss
+from ...layers import keep_ratio_terms
 from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
 from ..losses import logit_distillation_loss, token_distillation_loss
 from ..teacher import FrozenTeacher, build_teacher
@@ -66,7 +66,7 @@ class DynamicViTClassifier(ImageClassifier):
                 self.init_cfg = pretrained
             path = pretrained['checkpoint']
             state_dict = adapt_state_dict(self, load_state_dict_file(path))
-            absent = load_state_dict_checked(self, state_dict, path, ('backbone.score_predictors.', ))
+            absent = load_state_dict_checked(self, state_dict, path, self.backbone.optional_checkpoint_groups)
             if absent:
                 print_log(f'{path}: no weights for {absent}; those keep their initialisation', logger='current')
         if self.teacher is not None:
@@ -82,12 +82,8 @@ class DynamicViTClassifier(ImageClassifier):
         logits = self._logits(feats)
         losses = {f'{k}_cls' if k == 'loss' else k: v for k, v in self.head._get_loss(logits, data_samples).items()}
 
-        decisions = result.keep_decisions
-        if decisions:
-            losses['loss_keep_ratio'] = self.keep_ratio_weight * keep_ratio_loss(
-                decisions, self.backbone.stage_ratios[:len(decisions)])
-            for stage, decision in enumerate(decisions):
-                losses[f'keep_ratio_stage{stage + 1}'] = decision.detach().mean()
+        if result.keep_decisions:
+            losses.update(keep_ratio_terms(result.keep_decisions, self.backbone.stage_ratios, self.keep_ratio_weight))
 
         if self.teacher is not None:
             need_tokens = self.distill_tokens_weight > 0
@@ -95,7 +91,7 @@ class DynamicViTClassifier(ImageClassifier):
             losses['loss_distill_logits'] = self.distill_logits_weight * logit_distillation_loss(logits,
                                                                                                  teacher.logits)
             if need_tokens:
-                keep_mask = decisions[-1] if decisions else None
+                keep_mask = result.token_mask
                 if self.token_distill == 'kl':
                     if teacher.token_logits is None or not hasattr(self.head, 'token_logits'):
                         raise ValueError("token_distill='kl' needs token-labeling heads (TokenLabelingClsHead) "

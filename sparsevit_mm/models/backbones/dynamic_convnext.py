@@ -1,0 +1,205 @@
+"""DynamicConvNeXt: ConvNeXt whose deep stage spends its MLP only where it matters (fast / slow paths).
+
+Rao et al., "Dynamic Spatial Sparsification for Efficient Vision Transformers and Convolutional Neural Networks",
+T-PAMI 2023 ("DynamicCNN").
+
+Only stage 3 (index 2) is sparse. Score predictors run before ``prune_layers`` of that stage; predictor ``s`` sends
+the best ``keep_ratio - 0.2 * s`` of the positions through the block's own pointwise MLP (slow path) and the rest
+through a LayerNorm + Linear (fast path); the 7x7 depthwise convolution always sees the whole map, so every stage
+still yields a complete feature map for FPN / UperNet. Built on mmpretrain's ``ConvNeXt`` (same parameter names,
+so its checkpoints and mmdet / mmseg layer-decay recipes apply unchanged); ``keep_ratio=1.0`` is exactly it.
+"""
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
+
+from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, num_kept, sample_keep_decision,
+                       split_by_score, stage_keep_ratios)
+from .base import SparseBackbone, TokenSparsityResult
+
+
+class DynamicConvNeXtBlock(ConvNeXtBlock):
+    """ConvNeXt block with a fast path next to its pointwise MLP. (B, C, H, W) -> (B, C, H, W).
+
+    Slow path: the block's ``norm -> pointwise_conv1 -> act -> pointwise_conv2 -> gamma``; fast path:
+    ``fast_path`` (LayerNorm + Linear) scaled by ``fast_path_gamma`` (initialised like the layer scale, 1e-6).
+    Without routing it is exactly the ConvNeXt block.
+    """
+
+    def __init__(self, in_channels: int, layer_scale_init_value: float = 1e-6, **kwargs):
+        super().__init__(in_channels, layer_scale_init_value=layer_scale_init_value, **kwargs)
+        if not self.linear_pw_conv or self.grn is not None:
+            raise ValueError('DynamicConvNeXtBlock routes positions as tokens: it needs linear_pw_conv=True and no '
+                             'GRN (ConvNeXt V2 normalises over the whole map)')
+        self.fast_path = nn.Sequential(nn.LayerNorm(in_channels, eps=1e-6), nn.Linear(in_channels, in_channels))
+        self.fast_path_gamma = nn.Parameter(torch.full((in_channels, ), max(layer_scale_init_value, 1e-6)))
+
+    def slow_path(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The block's LayerNorm2d only takes 4-d maps; on tokens it is a plain channel LayerNorm.
+        x = F.layer_norm(tokens, tokens.shape[-1:], self.norm.weight, self.norm.bias, self.norm.eps)
+        x = self.pointwise_conv2(self.act(self.pointwise_conv1(x)))
+        return x * self.gamma if self.gamma is not None else x
+
+    def fast(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fast_path(tokens) * self.fast_path_gamma
+
+    def forward(self, x: torch.Tensor, routing: Optional[SlowFastRouting] = None) -> torch.Tensor:
+        if routing is None:
+            return super().forward(x)
+
+        def inner(x):
+            batch, channels, height, width = x.shape
+            tokens = self.depthwise_conv(x).flatten(2).transpose(1, 2)  # (B, N, C)
+            update = routing.apply(tokens, self.slow_path, self.fast)
+            update = update.transpose(1, 2).reshape(batch, channels, height, width)
+            return x + self.drop_path(update)
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(inner, x, use_reentrant=False)
+        return inner(x)
+
+
+class DynamicConvNeXt(SparseBackbone, ConvNeXt):
+    """DynamicConvNeXt backbone for mmpretrain, mmdet and mmseg.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with ``depths``, ``channels`` (and optionally
+            ``prune_layers``).
+        keep_ratio: base ratio r: predictor s sends ``r - 0.2 * s`` of the stage-3 positions to the slow path
+            (0.7 -> 0.7 / 0.5 / 0.3); or one ratio per predictor. 1.0 makes the network dense.
+        prune_layers: stage-3 blocks with a predictor in front (tiny: 1, 2, 3; small / base: 3, 6, 9).
+        out_indices / gap_before_final_norm / frozen_stages / drop_path_rate / layer_scale_init_value / with_cp:
+            as mmpretrain's ``ConvNeXt`` (classification: ``out_indices=-1`` with GAP; dense tasks:
+            ``out_indices=(0, 1, 2, 3)``, ``gap_before_final_norm=False``).
+        norm_eval: keep BatchNorm layers in eval mode (ConvNeXt has none; accepted for mmdet / mmseg configs).
+        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads mmpretrain, official ConvNeXt or
+            official DynamicCNN checkpoints (converted on the fly; missing keys are an error).
+    """
+    arch_zoo: Dict[str, dict] = {
+        'tiny': dict(depths=[3, 3, 9, 3], channels=[96, 192, 384, 768], prune_layers=[1, 2, 3]),
+        'small': dict(depths=[3, 3, 27, 3], channels=[96, 192, 384, 768], prune_layers=[3, 6, 9]),
+        'base': dict(depths=[3, 3, 27, 3], channels=[128, 256, 512, 1024], prune_layers=[3, 6, 9]),
+    }
+    sparse_stage = 2
+    # Modules a dense ImageNet ConvNeXt checkpoint lacks: predictors, fast paths, and the extra output norms.
+    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path(_gamma)?(\.|$)',
+                                  r'^(backbone\.)?norm[0-2]\.')
+    default_keep_ratio_weight = 10.0
+    _default_init_cfg = [
+        dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
+        dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
+    ]
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 keep_ratio: Union[float, Sequence[float]] = 0.7,
+                 prune_layers: Optional[Sequence[int]] = None,
+                 in_channels: int = 3,
+                 drop_path_rate: float = 0.0,
+                 layer_scale_init_value: float = 1e-6,
+                 out_indices: Union[int, Sequence[int]] = -1,
+                 frozen_stages: int = 0,
+                 gap_before_final_norm: bool = True,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, list]] = None):
+        settings = self.resolve_arch(arch, required=('depths', 'channels'))
+        depths = list(settings['depths'])
+        if len(depths) != 4:
+            raise ValueError(f'DynamicConvNeXt needs 4 stages, got depths {depths}')
+        super().__init__(arch=dict(depths=depths, channels=list(settings['channels'])), in_channels=in_channels,
+                         drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
+                         out_indices=list(self.resolve_out_indices(out_indices, 4)), frozen_stages=frozen_stages,
+                         gap_before_final_norm=gap_before_final_norm, with_cp=with_cp,
+                         init_cfg=init_cfg if init_cfg is not None else self._default_init_cfg)
+        self.arch_settings = settings
+        self.norm_eval = norm_eval
+        stage_depth = depths[self.sparse_stage]
+        self.prune_layers = check_prune_layers(
+            prune_layers if prune_layers is not None else settings.get('prune_layers', [1, 2, 3]), stage_depth)
+        channels = self.channels[self.sparse_stage]
+        stage = self.stages[self.sparse_stage]
+        for j in range(self.prune_layers[0], stage_depth):
+            dense = stage[j]
+            drop = dense.drop_path.drop_prob if hasattr(dense.drop_path, 'drop_prob') else 0.0
+            stage[j] = DynamicConvNeXtBlock(channels, layer_scale_init_value=layer_scale_init_value,
+                                            drop_path_rate=drop, with_cp=with_cp)
+        self.score_predictors = nn.ModuleList(TokenScorePredictor(channels, norm_eps=1e-6) for _ in self.prune_layers)
+        self.keep_ratio = keep_ratio
+        self._freeze_stages()
+
+    @property
+    def keep_ratio(self):
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value):
+        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'linear')
+        self._keep_ratio = value
+
+    @property
+    def prunes(self) -> bool:
+        return any(r < 1.0 for r in self.stage_ratios)
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def default_init(self):
+        saved, self.init_cfg = self.init_cfg, self._default_init_cfg
+        try:
+            BaseModule.init_weights(self)
+        finally:
+            self.init_cfg = saved
+
+    def convert_checkpoint(self, state_dict):
+        from ...converters.hierarchical import convnext_to_backbone
+        return convnext_to_backbone(state_dict, self.out_indices)
+
+    def _freeze_stages(self):
+        ConvNeXt._freeze_stages(self)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
+        if min(images.shape[-2:]) < 32:
+            raise ValueError(f'input size {tuple(images.shape[-2:])} is smaller than 32, the total stride of '
+                             'ConvNeXt; the last stage would be empty')
+        result = TokenSparsityResult(outs=())
+        outs = []
+        x = images
+        for i, stage in enumerate(self.stages):
+            x = self.downsample_layers[i](x)
+            x = self._sparse_stage(x, result) if i == self.sparse_stage and self.prunes else stage(x)
+            if i in self.out_indices:
+                norm = getattr(self, f'norm{i}')
+                if self.gap_before_final_norm:
+                    outs.append(norm(x.mean([-2, -1], keepdim=True)).flatten(1))
+                else:
+                    outs.append(norm(x))
+            if i == len(self.stages) - 1 and f'norm{i}' in self._modules:
+                # Per-position normed final map: what feature distillation compares with the teacher.
+                result.patch_tokens = getattr(self, f'norm{i}')(x).flatten(2).transpose(1, 2)
+        result.outs = tuple(outs)
+        return result
+
+    def _sparse_stage(self, x: torch.Tensor, result: TokenSparsityResult) -> torch.Tensor:
+        prune_at = {layer: s for s, layer in enumerate(self.prune_layers)}
+        result.grid = tuple(x.shape[-2:])
+        num_positions = x.shape[-2] * x.shape[-1]
+        routing = None
+        for j, block in enumerate(self.stages[self.sparse_stage]):
+            if j in prune_at:
+                stage = prune_at[j]
+                log_probs = self.score_predictors[stage](x.flatten(2).transpose(1, 2))
+                if self.training:
+                    mask = sample_keep_decision(log_probs)  # each predictor re-ranks every position
+                    result.keep_decisions.append(mask.squeeze(-1))
+                    routing = SlowFastRouting(mask=mask)
+                else:
+                    slow, fast = split_by_score(log_probs[..., 0], num_kept(num_positions, self.stage_ratios[stage]))
+                    result.kept_indices.append(slow)
+                    routing = SlowFastRouting(slow_index=slow, fast_index=fast)
+            x = block(x, routing) if routing is not None else block(x)
+        return x

@@ -1,0 +1,222 @@
+"""DynamicSwinTransformer: Swin whose deep stage spends its MLP only where it matters (fast / slow paths).
+
+Rao et al., "Dynamic Spatial Sparsification for Efficient Vision Transformers and Convolutional Neural Networks",
+T-PAMI 2023 ("DynamicSwin").
+
+Only stage 3 (index 2) is sparse. Score predictors run before ``prune_layers`` of that stage; predictor ``s`` sends
+the best ``keep_ratio - 0.2 * s`` of the positions through the block's MLP (slow path) and the rest through a
+LayerNorm + Linear (fast path). Shifted-window attention always runs over the whole map, so window structure,
+padding and every stage's full feature map (for FPN / UperNet) stay intact. Built on mmdet's ``SwinTransformer``
+(same module names: mmdet / mmseg / mmpretrain Swin checkpoints load as they are); ``keep_ratio=1.0`` is exactly it.
+"""
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
+
+from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, num_kept, sample_keep_decision,
+                       split_by_score, stage_keep_ratios)
+from .base import SparseBackbone, TokenSparsityResult
+
+
+@contextmanager
+def _unshifted(attn):
+    """Run a shifted-window attention without its shift (the official Swin on maps no larger than a window)."""
+    saved, attn.shift_size = attn.shift_size, 0
+    try:
+        yield
+    finally:
+        attn.shift_size = saved
+
+
+class DynamicSwinBlock(SwinBlock):
+    """mmdet's Swin block, optionally with a fast path next to its MLP. (B, N, C) tokens of an (H, W) map.
+
+    Attention runs over every position; then the slow path is the block's ``norm2 -> ffn`` and the fast path
+    ``fast_path`` (LayerNorm + Linear, no layer scale, as the official DynamicSwin). Without routing, and with
+    ``shift=True``, it is exactly mmdet's ``SwinBlock``.
+    """
+
+    def __init__(self, embed_dims: int, *args, with_fast_path: bool = False, **kwargs):
+        super().__init__(embed_dims, *args, **kwargs)
+        if with_fast_path:
+            self.fast_path = nn.Sequential(nn.LayerNorm(embed_dims), nn.Linear(embed_dims, embed_dims))
+
+    def slow(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.norm2(tokens), identity=tokens)
+
+    def fast(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.ffn.dropout_layer(self.fast_path(tokens))
+
+    def forward(self, x: torch.Tensor, hw_shape, routing: Optional[SlowFastRouting] = None,
+                shift: bool = True) -> torch.Tensor:
+        if routing is None and shift:
+            return super().forward(x, hw_shape)
+
+        def inner(x):
+            with nullcontext() if shift else _unshifted(self.attn):
+                x = x + self.attn(self.norm1(x), hw_shape)
+            return self.slow(x) if routing is None else routing.apply(x, self.slow, self.fast)
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(inner, x, use_reentrant=False)
+        return inner(x)
+
+
+class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
+    """DynamicSwin backbone for mmdet, mmseg and mmpretrain.
+
+    Args:
+        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with ``embed_dims``, ``depths``, ``num_heads`` (and
+            optionally ``prune_layers``).
+        keep_ratio: base ratio r: predictor s sends ``r - 0.2 * s`` of the stage-3 positions to the slow path
+            (0.7 -> 0.7 / 0.5 / 0.3); or one ratio per predictor. 1.0 makes the network dense.
+        prune_layers: stage-3 blocks with a predictor in front (tiny: 1, 2, 3; small / base: 2, 4, 6).
+        out_indices: stages whose (normed) maps are returned; (0, 1, 2, 3) for FPN / UperNet, (3, ) for
+            classification.
+        window_size / mlp_ratio / patch_size / qkv_bias / drop_rate / attn_drop_rate / drop_path_rate /
+            frozen_stages / with_cp: as mmdet's ``SwinTransformer``. Any input size works (maps are padded to
+            window multiples, as in mmdet); inputs smaller than one window raise an error.
+        pad_small_map: on a map no larger than one window, still shift (True: mmdet's Swin, for detection and
+            segmentation) or not (False: the official Swin and mmpretrain's default, for classification at 224).
+        norm_eval: keep BatchNorm layers in eval mode (Swin has none; accepted for mmdet / mmseg configs).
+        init_cfg: ``dict(type='Pretrained', checkpoint=..., prefix=...)`` loads mmdet / mmseg / mmpretrain Swin,
+            official Swin and official DynamicSwin checkpoints (converted on the fly; missing keys are an error).
+    """
+    arch_zoo: Dict[str, dict] = {
+        'tiny': dict(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], prune_layers=[1, 2, 3]),
+        'small': dict(embed_dims=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], prune_layers=[2, 4, 6]),
+        'base': dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], prune_layers=[2, 4, 6]),
+    }
+    sparse_stage = 2
+    # Modules a dense Swin checkpoint lacks: predictors, fast paths, the extra output norms, position indices.
+    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path\.', r'^(backbone\.)?norm[0-2]\.',
+                                  r'relative_position_index$')
+    default_keep_ratio_weight = 10.0
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 keep_ratio: Union[float, Sequence[float]] = 0.7,
+                 prune_layers: Optional[Sequence[int]] = None,
+                 in_channels: int = 3,
+                 patch_size: int = 4,
+                 window_size: int = 7,
+                 mlp_ratio: int = 4,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1,
+                 frozen_stages: int = -1,
+                 pad_small_map: bool = True,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        settings = self.resolve_arch(arch, required=('embed_dims', 'depths', 'num_heads'))
+        depths = list(settings['depths'])
+        if len(depths) != 4:
+            raise ValueError(f'DynamicSwinTransformer needs 4 stages, got depths {depths}')
+        super().__init__(in_channels=in_channels, embed_dims=settings['embed_dims'], patch_size=patch_size,
+                         window_size=window_size, mlp_ratio=mlp_ratio, depths=depths,
+                         num_heads=list(settings['num_heads']), strides=(patch_size, 2, 2, 2),
+                         out_indices=tuple(self.resolve_out_indices(out_indices, 4)), qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                         with_cp=with_cp, frozen_stages=frozen_stages, init_cfg=init_cfg)
+        self.arch_settings = settings
+        self.patch_size, self.window_size = patch_size, window_size
+        self.norm_eval = norm_eval
+        self.pad_small_map = pad_small_map
+        stage_depth = depths[self.sparse_stage]
+        self.prune_layers = check_prune_layers(
+            prune_layers if prune_layers is not None else settings.get('prune_layers', [1, 2, 3]), stage_depth)
+        # Our block class everywhere (same parameters as mmdet's); fast paths from the first pruned block on.
+        for i, stage in enumerate(self.stages):
+            for j, dense in enumerate(stage.blocks):
+                channels = self.num_features[i]
+                drop_path = dense.attn.drop.drop_prob if hasattr(dense.attn.drop, 'drop_prob') else 0.0
+                stage.blocks[j] = DynamicSwinBlock(
+                    channels, settings['num_heads'][i], mlp_ratio * channels, window_size, shift=j % 2 == 1,
+                    qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path,
+                    with_cp=with_cp, with_fast_path=i == self.sparse_stage and j >= self.prune_layers[0])
+        channels = self.num_features[self.sparse_stage]
+        self.score_predictors = nn.ModuleList(TokenScorePredictor(channels) for _ in self.prune_layers)
+        self.keep_ratio = keep_ratio
+
+    @property
+    def keep_ratio(self):
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value):
+        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'linear')
+        self._keep_ratio = value
+
+    @property
+    def prunes(self) -> bool:
+        return any(r < 1.0 for r in self.stage_ratios)
+
+    # ------------------------------------------------------------------------------------------------ weights
+    def default_init(self):
+        saved, self.init_cfg = self.init_cfg, None
+        try:
+            SwinTransformer.init_weights(self)  # truncated normal for Linear, ones / zeros for LayerNorm
+        finally:
+            self.init_cfg = saved
+
+    def convert_checkpoint(self, state_dict):
+        from ...converters.hierarchical import swin_to_backbone
+        return swin_to_backbone(state_dict, self.out_indices)
+
+    def _freeze_stages(self):
+        SwinTransformer._freeze_stages(self)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
+        smallest = self.patch_size * self.window_size
+        if min(images.shape[-2:]) < smallest:
+            raise ValueError(f'input size {tuple(images.shape[-2:])} is smaller than one window: '
+                             f'{self.window_size} x {self.patch_size}-pixel patches = {smallest} pixels per side')
+        result = TokenSparsityResult(outs=())
+        x, hw_shape = self.patch_embed(images)
+        x = self.drop_after_pos(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            shift = self.pad_small_map or min(hw_shape) > self.window_size
+            if i == self.sparse_stage and self.prunes:
+                x = self._sparse_blocks(stage.blocks, x, hw_shape, shift, result)
+            else:
+                for block in stage.blocks:
+                    x = block(x, hw_shape, shift=shift)
+            out, out_hw_shape = x, hw_shape
+            if stage.downsample is not None:
+                x, hw_shape = stage.downsample(x, hw_shape)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(out)
+                if i == len(self.stages) - 1:
+                    result.patch_tokens = out  # (B, N, C) normed final map, for feature distillation
+                outs.append(out.view(-1, *out_hw_shape, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
+        result.outs = tuple(outs)
+        return result
+
+    def _sparse_blocks(self, blocks, x: torch.Tensor, hw_shape, shift: bool,
+                       result: TokenSparsityResult) -> torch.Tensor:
+        prune_at = {layer: s for s, layer in enumerate(self.prune_layers)}
+        result.grid = tuple(hw_shape)
+        routing = None
+        for j, block in enumerate(blocks):
+            if j in prune_at:
+                stage = prune_at[j]
+                log_probs = self.score_predictors[stage](x)
+                if self.training:
+                    mask = sample_keep_decision(log_probs)  # each predictor re-ranks every position
+                    result.keep_decisions.append(mask.squeeze(-1))
+                    routing = SlowFastRouting(mask=mask)
+                else:
+                    slow, fast = split_by_score(log_probs[..., 0], num_kept(x.shape[1], self.stage_ratios[stage]))
+                    result.kept_indices.append(slow)
+                    routing = SlowFastRouting(slow_index=slow, fast_index=fast)
+            x = block(x, hw_shape, routing, shift)
+        return x

@@ -1,0 +1,154 @@
+"""DynamicSwinTransformer and DynamicConvNeXt: dense equivalence, official checkpoints, routing, bad input."""
+import pytest
+import torch
+from mmdet.models.backbones import SwinTransformer
+from mmpretrain.models.backbones import ConvNeXt
+
+from sparsevit_mm.converters.hierarchical import convnext_to_backbone, swin_to_backbone
+from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
+from sparsevit_mm.utils import CheckpointMismatchError
+
+from .reference.official_hierarchical import (official_convnext_forward, official_swin_forward,
+                                              random_official_convnext, random_official_swin)
+
+SMALL_SWIN = dict(embed_dims=32, depths=[1, 1, 4, 1], num_heads=[1, 2, 4, 8])
+SMALL_CONVNEXT = dict(depths=[1, 1, 4, 1], channels=[16, 32, 64, 128])
+
+
+def compare(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize('shape', [(224, 224), (200, 300)])
+def test_swin_keep_ratio_one_equals_mmdet_swin(shape):
+    reference = SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.0)
+    reference.init_weights()
+    reference.eval()
+    model = DynamicSwinTransformer(arch='tiny', keep_ratio=1.0, drop_path_rate=0.0)
+    model.load_checked(reference.state_dict())
+    model.eval()
+    images = torch.randn(2, 3, *shape)
+    with torch.no_grad():
+        assert compare(model(images), reference(images)) < 1e-5
+
+
+@pytest.mark.parametrize('shape', [(224, 224), (200, 300)])
+def test_convnext_keep_ratio_one_equals_mmpretrain_convnext(shape):
+    kwargs = dict(arch='tiny', out_indices=(0, 1, 2, 3), gap_before_final_norm=False)
+    reference = ConvNeXt(**kwargs)
+    reference.init_weights()
+    reference.eval()
+    model = DynamicConvNeXt(keep_ratio=1.0, **kwargs)
+    model.load_checked(reference.state_dict())
+    model.eval()
+    images = torch.randn(2, 3, *shape)
+    with torch.no_grad():
+        assert compare(model(images), reference(images)) < 1e-5
+
+
+@pytest.mark.parametrize('batch', [1, 2, 3])  # the official DynamicSwin crashes at batch 2 in eval; we must not
+@pytest.mark.parametrize('rate', [0.7, 0.9])
+def test_official_dynamic_swin_checkpoint_reproduces_official_outputs(batch, rate):
+    sd = random_official_swin(**SMALL_SWIN, num_classes=5)
+    model = DynamicSwinTransformer(arch=SMALL_SWIN, keep_ratio=rate, prune_layers=[1, 2, 3], out_indices=(3, ),
+                                   drop_path_rate=0.0, pad_small_map=False)
+    model.load_checked(swin_to_backbone(sd, model.out_indices))
+    model.eval()
+    images = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        result = model.forward_sparse(images)
+    logits = torch.nn.functional.linear(result.outs[0].mean((2, 3)), sd['head.weight'], sd['head.bias'])
+    expected = official_swin_forward(sd, images, SMALL_SWIN['depths'], SMALL_SWIN['num_heads'], base_rate=rate)
+    assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+    assert [k.shape[1] for k in result.kept_indices] == ([137, 97, 58] if rate == 0.7 else [176, 137, 98])
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_official_dynamic_cnn_checkpoint_reproduces_official_outputs(batch):
+    sd = random_official_convnext(**SMALL_CONVNEXT, num_classes=5)
+    model = DynamicConvNeXt(arch=SMALL_CONVNEXT, keep_ratio=0.7, prune_layers=[1, 2, 3])
+    model.load_checked(convnext_to_backbone(sd, model.out_indices))
+    model.eval()
+    images = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        features = model(images)[0]
+    logits = torch.nn.functional.linear(features, sd['head.weight'], sd['head.bias'])
+    expected = official_convnext_forward(sd, images, SMALL_CONVNEXT['depths'], base_rate=0.7)
+    assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+
+
+@pytest.mark.parametrize('cls,arch', [(DynamicSwinTransformer, 'tiny'), (DynamicConvNeXt, 'tiny')])
+def test_training_mixes_paths_and_reaches_the_predictors(cls, arch):
+    model = cls(arch=arch, keep_ratio=0.7, out_indices=(0, 1, 2, 3), drop_path_rate=0.0,
+                **({'gap_before_final_norm': False} if cls is DynamicConvNeXt else {}))
+    model.init_weights()
+    model.train()
+    result = model.forward_sparse(torch.randn(2, 3, 224, 224))
+    assert [tuple(o.shape[-2:]) for o in result.outs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert len(result.keep_decisions) == 3 and result.keep_decisions[0].shape == (2, 196)
+    loss = sum(o.mean() for o in result.outs) + sum(d.mean() for d in result.keep_decisions)
+    loss.backward()
+    for predictor in model.score_predictors:
+        assert predictor.classifier[-1].weight.grad.abs().sum() > 0
+    assert model.pending_keep_decisions is None, 'only forward() leaves decisions for the loss hook'
+    model(torch.randn(1, 3, 224, 224))
+    assert len(model.pop_keep_decisions()) == 3 and model.pending_keep_decisions is None
+
+
+@pytest.mark.parametrize('cls', [DynamicSwinTransformer, DynamicConvNeXt])
+def test_inference_uses_fast_path_on_the_rest(cls):
+    """Every position gets an update: slow-path positions differ from fast-path ones, none is left untouched."""
+    model = cls(arch='tiny', keep_ratio=0.5)
+    model.init_weights()
+    model.eval()
+    with torch.no_grad():
+        sparse = model.forward_sparse(torch.randn(1, 3, 224, 224))
+        model.keep_ratio = 1.0
+        dense = model.forward_sparse(torch.randn(1, 3, 224, 224))
+    assert [k.shape[1] for k in sparse.kept_indices] == [98, 58, 19]
+    assert dense.kept_indices == [] and all(torch.isfinite(o).all() for o in sparse.outs)
+
+
+def test_pretrained_from_dense_official_checkpoints_and_errors(tmp_path):
+    sd = random_official_swin(**SMALL_SWIN, predictors=False)
+    torch.save({'model': sd}, tmp_path / 'swin.pth')
+    model = DynamicSwinTransformer(arch=SMALL_SWIN, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'swin.pth')))
+    model.init_weights()
+    assert torch.equal(model.stages[2].blocks[3].attn.w_msa.qkv.weight, sd['layers.2.blocks.3.attn.qkv.weight'])
+    assert torch.equal(model.norm3.weight, sd['norm.weight'])
+
+    sd = random_official_convnext(**SMALL_CONVNEXT, predictors=False)
+    del sd['stages.1.0.pwconv1.weight']
+    torch.save({'model': sd}, tmp_path / 'convnext.pth')
+    model = DynamicConvNeXt(arch=SMALL_CONVNEXT, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'convnext.pth')))
+    with pytest.raises(CheckpointMismatchError, match=r'stages\.1\.0\.pointwise_conv1\.weight'):
+        model.init_weights()
+
+
+def test_mmdet_style_checkpoint_with_prefix(tmp_path):
+    dense = DynamicSwinTransformer(arch=SMALL_SWIN, keep_ratio=1.0)
+    state = {f'backbone.{k}': v for k, v in dense.state_dict().items() if 'fast_path' not in k
+             and 'score_predictors' not in k}
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
+    torch.save({'state_dict': state}, tmp_path / 'mask_rcnn.pth')
+    model = DynamicSwinTransformer(arch=SMALL_SWIN, init_cfg=dict(type='Pretrained', prefix='backbone.',
+                                                                  checkpoint=str(tmp_path / 'mask_rcnn.pth')))
+    model.init_weights()
+    assert torch.equal(model.stages[0].blocks[0].ffn.layers[1].weight, dense.stages[0].blocks[0].ffn.layers[1].weight)
+
+
+@pytest.mark.parametrize('cls', [DynamicSwinTransformer, DynamicConvNeXt])
+def test_bad_input_raises_clear_errors(cls):
+    with pytest.raises(ValueError, match=r'\[0.7, 0.8, 0.5\]'):
+        cls(arch='tiny', keep_ratio=[0.7, 0.8, 0.5])
+    with pytest.raises(ValueError, match='keep_ratio must lie in'):
+        cls(arch='tiny', keep_ratio=1.2)
+    with pytest.raises(ValueError, match=r'keep_ratio=0.3 .* smallest allowed is 0.40'):
+        cls(arch='tiny', keep_ratio=0.3)  # 0.3 / 0.1 / -0.1: the last stage would keep nothing
+    with pytest.raises(ValueError, match=r'prune_layers \[1, 2, 9\]: \[9\] out of range'):
+        cls(arch='tiny', prune_layers=[1, 2, 9])
+    with pytest.raises(ValueError, match="unknown arch 'huge'"):
+        cls(arch='huge')
+    model = cls(arch='tiny')
+    with pytest.raises(ValueError, match='smaller than'):
+        model(torch.randn(1, 3, 24, 64))
