@@ -110,3 +110,154 @@ def run_tool(*args, timeout=900, env=None):
     if proc.returncode != 0:
         raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
     return proc
+
+
+def make_coco(root, num_images: int = 6, size=(96, 128), seed: int = 0):
+    """A tiny COCO-format instance set: coloured rectangles ('box') and ellipses ('blob') with polygons.
+
+    Writes ``root/images/*.png`` and ``root/annotations.json``; returns ``root``.
+    """
+    import json
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / 'images').mkdir(parents=True, exist_ok=True)
+    height, width = size
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        canvas = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            category = int(rng.integers(1, 3))
+            w, h = int(rng.integers(16, 40)), int(rng.integers(16, 40))
+            x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            if category == 1:
+                canvas[y:y + h, x:x + w] = (230, 60, 60)
+                polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
+                area = w * h
+            else:
+                t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                px, py = x + w / 2 + w / 2 * np.cos(t), y + h / 2 + h / 2 * np.sin(t)
+                yy, xx = np.mgrid[:height, :width]
+                inside = ((xx - x - w / 2) / (w / 2)) ** 2 + ((yy - y - h / 2) / (h / 2)) ** 2 <= 1
+                canvas[inside] = (60, 200, 90)
+                polygon = np.stack([px, py], 1).round(1).flatten().tolist()
+                area = float(inside.sum())
+            annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=category, iscrowd=0,
+                                    bbox=[x, y, w, h], area=area, segmentation=[polygon]))
+        name = f'{image_id:04d}.png'
+        Image.fromarray(canvas).save(root / 'images' / name)
+        images.append(dict(id=image_id, file_name=name, height=height, width=width))
+    categories = [dict(id=1, name='box'), dict(id=2, name='blob')]
+    (root / 'annotations.json').write_text(json.dumps(dict(images=images, annotations=annotations,
+                                                           categories=categories)))
+    return root
+
+
+def make_ade(root, num_images: int = 6, size: int = 64, seed: int = 0):
+    """A tiny ADE20K-style set: ``images/training/*.jpg`` and ``annotations/training/*.png`` (0 = ignore).
+
+    Labels 1 and 2 are a bright square and a dark square on a mid-grey background labelled 3.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split in ('training', 'validation'):
+        (root / 'images' / split).mkdir(parents=True, exist_ok=True)
+        (root / 'annotations' / split).mkdir(parents=True, exist_ok=True)
+        for n in range(num_images):
+            image = np.full((size, size, 3), 128, np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+            label = np.full((size, size), 3, np.uint8)
+            for value, colour in ((1, 240), (2, 20)):
+                s = int(rng.integers(12, 28))
+                y, x = rng.integers(0, size - s, size=2)
+                image[y:y + s, x:x + s] = colour
+                label[y:y + s, x:x + s] = value
+            label[:2] = 0  # a border the loss ignores
+            Image.fromarray(image).save(root / 'images' / split / f'{n:04d}.jpg', quality=95)
+            Image.fromarray(label).save(root / 'annotations' / split / f'{n:04d}.png')
+    return root
+
+
+TINY_SWIN = dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+TINY_CONVNEXT = dict(depths=[1, 1, 2, 1], channels=[32, 64, 128, 256])
+
+
+def tiny_backbone(kind: str, **kwargs) -> dict:
+    """A small DynamicSwinTransformer / DynamicConvNeXt config (32 / 64 / 128 / 256 channels, one pruning stage)."""
+    if kind == 'swin':
+        return dict(type='DynamicSwinTransformer', arch=TINY_SWIN, prune_layers=[1], keep_ratio=0.7,
+                    drop_path_rate=0.0, **kwargs)
+    return dict(type='DynamicConvNeXt', arch=TINY_CONVNEXT, prune_layers=[1], keep_ratio=0.7,
+                out_indices=(0, 1, 2, 3), gap_before_final_norm=False, **kwargs)
+
+
+def detection_config(kind, data_root, work_dir, max_iters=4):
+    """mmdet's own Mask R-CNN Swin-T 1x config with the backbone swapped and a tiny data set (as config text)."""
+    return f"""
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py']
+model = dict(
+    backbone=dict(_delete_=True, **{tiny_backbone(kind)!r}),
+    neck=dict(in_channels=[32, 64, 128, 256]),
+    roi_head=dict(bbox_head=dict(num_classes=2), mask_head=dict(num_classes=2)))
+metainfo = dict(classes=('box', 'blob'))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='PackDetInputs')]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
+dataset = dict(type='CocoDataset', data_root={str(data_root)!r}, ann_file='annotations.json', metainfo=metainfo,
+               data_prefix=dict(img='images/'))
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        sampler=dict(type='InfiniteSampler', shuffle=True), batch_sampler=None,
+                        dataset=dict(dataset, pipeline=train_pipeline, filter_cfg=dict(filter_empty_gt=True)))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                      dataset=dict(dataset, pipeline=test_pipeline, test_mode=True))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='CocoMetric', ann_file={str(data_root / 'annotations.json')!r}, metric=['bbox', 'segm'])
+test_evaluator = val_evaluator
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+log_processor = dict(by_epoch=False)
+work_dir = {str(work_dir)!r}
+"""
+
+
+def segmentation_config(kind, data_root, work_dir, max_iters=4):
+    """mmseg's own UperNet Swin-T 160k config with the backbone swapped and a tiny ADE-style set (config text)."""
+    return f"""
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+crop_size = (64, 64)
+model = dict(
+    data_preprocessor=dict(size=crop_size),
+    backbone=dict(_delete_=True, **{tiny_backbone(kind)!r}),
+    decode_head=dict(in_channels=[32, 64, 128, 256], channels=32, num_classes=3),
+    auxiliary_head=dict(in_channels=128, channels=32, num_classes=3))
+metainfo = dict(classes=('bright', 'dark', 'background'), palette=[[255, 255, 255], [0, 0, 0], [128, 128, 128]])
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')]
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(type='BaseSegDataset', img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
+                 data_root={str(data_root)!r}, metainfo=metainfo, pipeline=train_pipeline,
+                 data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(type='BaseSegDataset', img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
+                 data_root={str(data_root)!r}, metainfo=metainfo, pipeline=test_pipeline,
+                 data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
+test_dataloader = val_dataloader
+train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+work_dir = {str(work_dir)!r}
+"""

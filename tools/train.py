@@ -13,8 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
-from sparsevit_mm.utils.setup_env import (build_runner, common_dataloader_defaults, enable_amp,  # noqa: E402
-                                          load_config, parse_resume, setup_launcher)
+from sparsevit_mm.utils.setup_env import (add_keep_ratio_loss_hook, build_runner,  # noqa: E402
+                                          common_dataloader_defaults, enable_amp, load_config, parse_resume,
+                                          setup_launcher)
 
 
 def parse_args(argv=None):
@@ -45,6 +46,7 @@ def main(argv=None):
         if 'auto_scale_lr' not in cfg:
             raise ValueError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
+    add_keep_ratio_loss_hook(cfg)  # the backbone's keep-ratio loss reaches the detector / segmentor loss dict
     parse_resume(cfg, args.resume)
     common_dataloader_defaults(cfg)
     setup_launcher(cfg, args.launcher)

@@ -108,3 +108,24 @@ def common_dataloader_defaults(cfg: Config, fields: Sequence[str] = ('train_data
         loader = cfg.get(field)
         if loader is not None and loader.get('num_workers', 0) == 0:
             loader['persistent_workers'] = False
+
+
+def add_keep_ratio_loss_hook(cfg: Config) -> bool:
+    """Add ``KeepRatioLossHook`` when the model's backbone is one of ours and nothing else computes that loss.
+
+    This is what makes an upstream mmdet / mmseg / mmpretrain config work with only the backbone swapped (our
+    ``DynamicViTClassifier`` computes the loss itself). Returns whether the hook was added.
+    """
+    from ..registry import BACKBONES
+    model = cfg.get('model') or {}
+    backbone = model.get('backbone') or {}
+    backbone_type = str(backbone.get('type', '')).split('.')[-1]
+    if backbone_type not in {cls.__name__ for cls in BACKBONES}:
+        return False
+    if str(model.get('type', '')).split('.')[-1] == 'DynamicViTClassifier':
+        return False
+    hooks = list(cfg.get('custom_hooks') or [])
+    if any(str(h.get('type', '')).split('.')[-1] == 'KeepRatioLossHook' for h in hooks):
+        return False
+    cfg.custom_hooks = hooks + [dict(type='KeepRatioLossHook')]
+    return True

@@ -1,0 +1,94 @@
+"""Dynamic Swin / ConvNeXt inside mmdet and mmseg: upstream configs with the backbone swapped, and our tools."""
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mmengine.model import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope, MODELS
+
+from sparsevit_mm.engine import KeepRatioLossHook
+from sparsevit_mm.utils.setup_env import read_config
+
+from .helpers import detection_config, make_ade, make_coco, run_tool, segmentation_config
+
+
+def swapped(config, backbone):
+    cfg = read_config(config)
+    cfg.model.backbone = backbone  # the one change: the backbone
+    cfg.model.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    return cfg
+
+
+def train_one_step(cfg, scope, data):
+    with DefaultScope.overwrite_default_scope(scope):
+        model = revert_sync_batchnorm(MODELS.build(cfg.model))  # as the Runner does outside DDP
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.init_weights()
+    model.train()
+    KeepRatioLossHook().before_train(SimpleNamespace(model=model))
+    with DefaultScope.overwrite_default_scope(scope):
+        return model.train_step(data, optim_wrapper)
+
+
+BACKBONES = {
+    'swin': dict(type='DynamicSwinTransformer', arch='tiny', keep_ratio=0.7),
+    'convnext': dict(type='DynamicConvNeXt', arch='tiny', keep_ratio=0.7, out_indices=(0, 1, 2, 3),
+                     gap_before_final_norm=False),
+}
+
+
+@pytest.mark.parametrize('kind', ['swin', 'convnext'])
+def test_mmdet_mask_rcnn_swin_config_with_the_backbone_swapped(kind):
+    from mmdet.testing import demo_mm_inputs
+    cfg = swapped('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', BACKBONES[kind])
+    data = demo_mm_inputs(batch_size=1, image_shapes=[(3, 160, 224)], num_items=[3], num_classes=80, with_mask=True)
+    log_vars = train_one_step(cfg, 'mmdet', data)
+    for key in ('loss_rpn_cls', 'loss_bbox', 'loss_mask', 'loss_keep_ratio', 'keep_ratio_stage3'):
+        assert key in log_vars and torch.isfinite(log_vars[key]), key
+
+
+@pytest.mark.parametrize('kind', ['swin', 'convnext'])
+def test_mmseg_upernet_swin_config_with_the_backbone_swapped(kind):
+    from mmseg.structures import SegDataSample
+    from mmengine.structures import PixelData
+    cfg = swapped('mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+                  BACKBONES[kind])
+    cfg.model.data_preprocessor.size = (128, 128)
+    samples = []
+    for _ in range(2):  # UperNet's pooling module has BatchNorm on 1x1 maps: it needs more than one image
+        sample = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 150, (1, 128, 128))))
+        sample.set_metainfo(dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128)))
+        samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8) for _ in samples],
+                data_samples=samples)
+    log_vars = train_one_step(cfg, 'mmseg', data)
+    for key in ('decode.loss_ce', 'aux.loss_ce', 'loss_keep_ratio'):
+        assert key in log_vars and torch.isfinite(log_vars[key]), key
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    return make_coco(tmp_path_factory.mktemp('coco'))
+
+
+@pytest.mark.parametrize('kind', ['swin', 'convnext'])
+def test_tools_train_and_test_mask_rcnn_on_a_tiny_coco(coco, tmp_path, kind):
+    config = tmp_path / f'mask_rcnn_{kind}.py'
+    config.write_text(detection_config(kind, coco, tmp_path / 'work'))
+    out = run_tool('tools/train.py', config)
+    assert 'loss_keep_ratio' in out.stdout + out.stderr, 'the keep-ratio loss must reach the training log'
+    out = run_tool('tools/test.py', config, tmp_path / 'work' / 'iter_4.pth')
+    text = out.stdout + out.stderr
+    assert re.search(r'coco/bbox_mAP: [\d.]+', text) and re.search(r'coco/segm_mAP: [\d.]+', text)
+
+
+def test_tools_train_and_test_upernet_on_a_tiny_ade(tmp_path):
+    data = make_ade(tmp_path / 'ade')
+    config = tmp_path / 'upernet.py'
+    config.write_text(segmentation_config('swin', data, tmp_path / 'work'))
+    out = run_tool('tools/train.py', config)
+    assert 'loss_keep_ratio' in out.stdout + out.stderr
+    out = run_tool('tools/test.py', config, tmp_path / 'work' / 'iter_4.pth')
+    assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
