@@ -12,21 +12,36 @@ from sparsevit_mm.utils.setup_env import load_config
 from .helpers import REPO, TINY_ARCH, make_imagenet_folder, tiny_classifier_config
 from .reference.official_vit import random_official_state_dict
 
-CONFIGS = sorted((REPO / 'configs' / 'dynamicvit').glob('*.py'))
+CLASSIFICATION = sorted(p for p in REPO.glob('configs/*/dynamic*_in1k.py') if p.parent.name != '_base_')
+DENSE = sorted(REPO.glob('configs/*/mask-rcnn_*.py')) + sorted(REPO.glob('configs/*/upernet_*.py'))
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
-def test_config_builds_the_model_it_names(path):
+@pytest.mark.parametrize('path', CLASSIFICATION, ids=lambda p: p.stem)
+def test_classification_config_builds_the_model_it_names(path):
     cfg = load_config(str(path))
-    assert cfg.train_cfg.max_epochs == 30 and cfg.default_scope == 'mmpretrain'
+    assert cfg.train_cfg.max_epochs in (30, 120) and cfg.default_scope == 'mmpretrain'
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         model = MODELS.build(cfg.model)
-    arch = cfg.model.backbone.arch
-    assert model.backbone.arch_settings == model.backbone.arch_zoo[arch]
+    backbone = model.backbone
+    assert backbone.arch_settings == backbone.arch_zoo[cfg.model.backbone.arch]
     ratio = cfg.model.backbone.keep_ratio
-    assert model.backbone.stage_ratios == pytest.approx([ratio, ratio ** 2, ratio ** 3])
+    step = [ratio, ratio ** 2, ratio ** 3] if type(backbone).__name__ == 'DynamicViT' else \
+        [ratio, ratio - 0.2, ratio - 0.4]
+    assert backbone.stage_ratios == pytest.approx(step)
     assert model.teacher is not None and model.teacher.checkpoint == cfg.pretrained
     assert copy.deepcopy(model).teacher is model.teacher, 'EMA copies share the frozen teacher'
+
+
+@pytest.mark.parametrize('path', DENSE, ids=lambda p: p.stem)
+def test_detection_and_segmentation_configs_build(path):
+    from mmengine.registry import MODELS as ROOT
+    cfg = load_config(str(path))
+    assert any(h['type'] == 'KeepRatioLossHook' for h in cfg.custom_hooks)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = ROOT.build(cfg.model)
+    assert type(model.backbone).__name__ == cfg.model.backbone.type
+    assert model.backbone.stage_ratios == pytest.approx([0.7, 0.5, 0.3])
+    assert len(model.backbone.out_indices) == 4
 
 
 class WeightRecorder(Hook):

@@ -152,3 +152,53 @@ def test_bad_input_raises_clear_errors(cls):
     model = cls(arch='tiny')
     with pytest.raises(ValueError, match='smaller than'):
         model(torch.randn(1, 3, 24, 64))
+
+
+@pytest.mark.parametrize('family', ['swin', 'convnext'])
+def test_convert_official_dynamic_checkpoint_to_a_classifier(family):
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+
+    from sparsevit_mm.converters import convert_official
+    if family == 'swin':
+        sd = random_official_swin(**SMALL_SWIN, num_classes=5)
+        expected_fn = lambda x: official_swin_forward(sd, x, SMALL_SWIN['depths'], SMALL_SWIN['num_heads'])  # noqa
+    else:
+        sd = random_official_convnext(**SMALL_CONVNEXT, num_classes=5)
+        expected_fn = lambda x: official_convnext_forward(sd, x, SMALL_CONVNEXT['depths'])  # noqa
+    converted, backbone, head = convert_official(sd)
+    assert backbone['prune_layers'] == [1, 2, 3] and head == dict(type='LinearClsHead', num_classes=5,
+                                                                   in_channels=256 if family == 'swin' else 128)
+    neck = dict(type='GlobalAveragePooling') if family == 'swin' else None
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(dict(type='ImageClassifier', backbone=dict(backbone, keep_ratio=0.7), neck=neck,
+                                  head=head))
+    model.load_state_dict(converted)
+    model.eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected_fn(images), atol=1e-5)
+
+
+@pytest.mark.parametrize('family', ['swin', 'convnext'])
+def test_dynamic_objective_with_hierarchical_backbones(family, tmp_path):
+    """Classification objective of the T-PAMI recipe: keep-ratio terms and feature distillation on every position."""
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    from mmpretrain.structures import DataSample
+    if family == 'swin':
+        backbone = dict(type='DynamicSwinTransformer', arch=SMALL_SWIN, prune_layers=[1, 2, 3], out_indices=(3, ),
+                        pad_small_map=False)
+        neck, width = dict(type='GlobalAveragePooling'), 256
+    else:
+        backbone, neck, width = dict(type='DynamicConvNeXt', arch=SMALL_CONVNEXT, prune_layers=[1, 2, 3]), None, 128
+    head = dict(type='LinearClsHead', num_classes=3, in_channels=width)
+    teacher = dict(model=dict(type='ImageClassifier', backbone=dict(backbone, keep_ratio=1.0), neck=neck, head=head))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(dict(type='DynamicViTClassifier', backbone=dict(backbone, keep_ratio=0.7), neck=neck,
+                                  head=head, teacher=teacher, keep_ratio_weight=10.0))
+    model.init_weights()
+    losses = model.loss(torch.randn(2, 3, 224, 224), [DataSample().set_gt_label(y) for y in (0, 2)])
+    assert {'loss_cls', 'loss_keep_ratio', 'loss_distill_logits', 'loss_distill_tokens'} <= set(losses)
+    sum(v for k, v in losses.items() if k.startswith('loss')).backward()
+    assert model.backbone.score_predictors[1].in_proj.weight.grad.abs().sum() > 0

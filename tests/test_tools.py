@@ -92,7 +92,7 @@ def test_converter_cli_and_official_checkpoint_in_test_tool(setup, tmp_path):
     official = tmp_path / 'official.pth'
     torch.save({'model': sd, 'epoch': 29}, official)
     converted = tmp_path / 'converted.pth'
-    out = run_tool('tools/model_converters/dynamicvit_to_sparsevit.py', official, converted)
+    out = run_tool('tools/model_converters/official_to_sparsevit.py', official, converted)
     assert 'score predictors included' in out.stdout
     state = torch.load(converted)['state_dict']
     assert torch.equal(state['backbone.score_predictors.1.classifier.2.weight'], sd['score_predictor.1.out_conv.2.weight'])
@@ -107,7 +107,7 @@ def test_converter_cli_and_official_checkpoint_in_test_tool(setup, tmp_path):
     broken.pop('blocks.2.mlp.fc2.weight')
     torch.save({'model': broken}, official)
     with pytest.raises(AssertionError, match='blocks.2.mlp.fc2.weight'):
-        run_tool('tools/model_converters/dynamicvit_to_sparsevit.py', official, converted)
+        run_tool('tools/model_converters/official_to_sparsevit.py', official, converted)
 
 
 def test_get_flops_deit_small_matches_the_paper():
@@ -121,8 +121,8 @@ def test_get_flops_deit_small_matches_the_paper():
 def test_benchmark_prints_side_by_side_ratio():
     out = run_tool('tools/analysis/benchmark.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
                    '--batch-size', '2', '--rounds', '1', '--iters', '1', '--warmup', '1')
-    assert re.search(r'1\.000 \|\s+[\d.]+ \|\s+1\.00x', out.stdout)
-    assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+x', out.stdout)
+    assert re.search(r'1\.000 \|\s+4\.61 \|\s+[\d.]+ \|\s+1\.00x', out.stdout)
+    assert re.search(r'0\.700 \|\s+2\.99 \|\s+[\d.]+ \|\s+[\d.]+x \|\s+1\.54x \|\s+-?\d+%', out.stdout)
 
 
 def test_visualize_tokens(setup, tmp_path):

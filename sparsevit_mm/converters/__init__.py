@@ -4,15 +4,80 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+StateDict = Dict[str, torch.Tensor]
 
-def adapt_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+
+def adapt_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
     """Convert a full-model checkpoint (official or ours) to ``model``'s keys, by the kind of its backbone.
 
     Models whose backbone is not one of ours get the state dict unchanged.
     """
-    from ..models.backbones import DynamicViT
+    from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
     backbone = getattr(model, 'backbone', None)
     if isinstance(backbone, DynamicViT):
         from .dynamicvit import to_classifier_state_dict
         return to_classifier_state_dict(state_dict)
+    if isinstance(backbone, (DynamicSwinTransformer, DynamicConvNeXt)):
+        return hierarchical_to_classifier(state_dict, backbone)
     return state_dict
+
+
+def hierarchical_to_classifier(state_dict: StateDict, backbone: nn.Module) -> StateDict:
+    """Swin / ConvNeXt classifier checkpoint (ours, mmpretrain's or official) -> ``backbone.*`` + ``head.*`` keys.
+
+    The official ``head`` Linear becomes mmpretrain's ``LinearClsHead`` (``head.fc``).
+    """
+    converted = {f'backbone.{k}': v for k, v in backbone.convert_checkpoint(state_dict).items()}
+    if any(k.startswith('backbone.') for k in state_dict):
+        rest = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
+    else:
+        rest = {f'head.fc.{k[len("head."):]}': v for k, v in state_dict.items() if k.startswith('head.')}
+    return {**converted, **rest}
+
+
+def detect_family(state_dict: StateDict) -> str:
+    """``'vit'`` (DeiT / LV-ViT / DynamicViT), ``'swin'`` or ``'convnext'`` for an official-layout checkpoint."""
+    keys = list(state_dict)
+    if any(k.startswith('layers.') and '.attn.' in k for k in keys):
+        return 'swin'
+    if any(k.startswith('downsample_layers.') for k in keys):
+        return 'convnext'
+    if 'cls_token' in state_dict or any(k.startswith('blocks.0.') for k in keys):
+        return 'vit'
+    raise ValueError(f'not an official ViT / Swin / ConvNeXt checkpoint; first keys: {keys[:8]}')
+
+
+def convert_official(state_dict: StateDict):
+    """Official DynamicViT / DeiT / LV-ViT / DynamicSwin / Swin / DynamicCNN / ConvNeXt checkpoint -> ours.
+
+    Returns ``(classifier_state_dict, backbone_config, head_config)``: our classifier keys (``backbone.*`` +
+    ``head.*``), and the backbone / head configs they fit. The conversion is checked by loading the backbone part
+    into that backbone (a checkpoint that does not fit raises naming its keys).
+    """
+    from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
+    family = detect_family(state_dict)
+    if family == 'vit':
+        from .dynamicvit import infer_backbone_kwargs, official_to_classifier
+        kwargs = dict(type='DynamicViT', **infer_backbone_kwargs(state_dict))
+        converted = official_to_classifier(state_dict)
+        backbone = DynamicViT(**{k: v for k, v in kwargs.items() if k != 'type'}, keep_ratio=1.0)
+        if 'head.token_fc.weight' in converted:
+            kwargs['out_type'] = 'raw'
+            head = dict(type='TokenLabelingClsHead', num_classes=converted['head.cls_fc.weight'].shape[0])
+        else:
+            head = dict(type='VisionTransformerClsHead', num_classes=converted['head.layers.head.weight'].shape[0])
+    else:
+        from .hierarchical import infer_convnext_kwargs, infer_swin_kwargs
+        if family == 'swin':
+            kwargs = dict(type='DynamicSwinTransformer', out_indices=(3, ), pad_small_map=False,
+                          **infer_swin_kwargs(state_dict))
+            backbone = DynamicSwinTransformer(**{k: v for k, v in kwargs.items() if k != 'type'}, keep_ratio=1.0)
+        else:
+            kwargs = dict(type='DynamicConvNeXt', **infer_convnext_kwargs(state_dict))
+            backbone = DynamicConvNeXt(**{k: v for k, v in kwargs.items() if k != 'type'}, keep_ratio=1.0)
+        converted = hierarchical_to_classifier(state_dict, backbone)
+        head = dict(type='LinearClsHead', num_classes=converted['head.fc.weight'].shape[0])
+    backbone.load_checked({k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')})
+    head['in_channels'] = int(next(v for k, v in converted.items() if k.startswith('head.') and
+                                   k.endswith('weight')).shape[1])
+    return converted, kwargs, head

@@ -84,3 +84,43 @@ def swin_to_backbone(state_dict: StateDict, out_indices: Sequence[int] = (3, )) 
             base[key] = value
     converted = {k[len('backbone.'):]: v for k, v in swin_converter(base).items()}
     return {**converted, **extra}
+
+
+def _zoo_name(zoo: dict, arch: dict):
+    for name, settings in zoo.items():
+        if all(list(settings[k]) == list(v) if isinstance(v, (list, tuple)) else settings[k] == v
+               for k, v in arch.items()):
+            return name
+    return None
+
+
+def infer_swin_kwargs(state_dict: StateDict) -> dict:
+    """:class:`DynamicSwinTransformer` arguments read off an official Swin / DynamicSwin checkpoint's shapes."""
+    from ..models.backbones import DynamicSwinTransformer
+    depths = [1 + max(int(k.split('.')[3]) for k in state_dict if re.match(rf'^layers\.{i}\.blocks\.\d+\.', k))
+              for i in range(4)]
+    num_heads = [state_dict[f'layers.{i}.blocks.0.attn.relative_position_bias_table'].shape[1] for i in range(4)]
+    window = (int(round(state_dict['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0] ** 0.5)) + 1) // 2
+    arch = dict(embed_dims=state_dict['patch_embed.proj.weight'].shape[0], depths=depths, num_heads=num_heads)
+    name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicSwinTransformer.arch_zoo.items()}, arch)
+    fast = sorted(int(k.split('.')[3]) for k in state_dict if re.match(r'^layers\.2\.blocks\.\d+\.fastmlp\.', k))
+    kwargs = dict(arch=name or arch, window_size=window, patch_size=state_dict['patch_embed.proj.weight'].shape[-1])
+    if name is None:
+        stride = max(1, fast[0]) if fast else max(1, depths[2] // 6)
+        kwargs['prune_layers'] = [stride * (s + 1) for s in range(3)]
+    return kwargs
+
+
+def infer_convnext_kwargs(state_dict: StateDict) -> dict:
+    """:class:`DynamicConvNeXt` arguments read off an official ConvNeXt / DynamicCNN checkpoint's shapes."""
+    from ..models.backbones import DynamicConvNeXt
+    depths = [1 + max(int(k.split('.')[2]) for k in state_dict if re.match(rf'^stages\.{i}\.\d+\.', k))
+              for i in range(4)]
+    channels = [state_dict[f'stages.{i}.0.gamma'].shape[0] for i in range(4)]
+    arch = dict(depths=depths, channels=channels)
+    name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicConvNeXt.arch_zoo.items()}, arch)
+    kwargs = dict(arch=name or arch)
+    if name is None:
+        stride = max(1, depths[2] // 9)
+        kwargs['prune_layers'] = [stride * (s + 1) for s in range(3)]
+    return kwargs

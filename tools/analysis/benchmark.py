@@ -3,10 +3,13 @@
 
     python tools/analysis/benchmark.py configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py \
         --batch-size 32 --shape 224 --keep-ratios 1.0 0.7 [--device cuda]
+    python tools/analysis/benchmark.py configs/dynamic_swin/mask-rcnn_dynamic-swin-t-r0.7_fpn_1x_coco.py \
+        --batch-size 1 --shape 800 1333            # detection / segmentation configs: the backbone
 
-Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense DeiT); they are timed in interleaved
+Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense model); they are timed in interleaved
 rounds so that load on a shared machine affects both alike, and the median of the rounds is reported with the
-speed-up over the first keep ratio.
+speed-up over the first keep ratio, the speed-up the FLOPs reduction alone would give, and the share of that
+gain realised (``(measured - 1) / (FLOPs speed-up - 1)``).
 """
 import argparse
 import os
@@ -17,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from sparsevit_mm.analysis import median, side_by_side_throughput  # noqa: E402
+from sparsevit_mm.analysis import count_flops, median, side_by_side_throughput  # noqa: E402
 from sparsevit_mm.apis import init_model  # noqa: E402
 
 
@@ -60,18 +63,27 @@ def main(argv=None):
             return forward
         return prepare
 
+    flops = {}
+    for ratio in ratios:
+        backbone.keep_ratio = ratio
+        flops[ratio] = count_flops(forward, images[:1], module=model)
     results = side_by_side_throughput({r: setting(r) for r in ratios}, images, args.rounds, args.iters, args.warmup)
     base = median(results[ratios[0]])
     device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
         f'CPU, {torch.get_num_threads()} threads'
-    print(f'{type(backbone).__name__}, batch {args.batch_size}, {height}x{width}, {device}, '
+    what = 'model' if whole else 'backbone'
+    print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {device}, '
           f'{args.rounds} interleaved rounds of {args.iters} batches')
-    print(f'{"keep ratio":>10} | {"images/s":>9} | {"speed-up":>8}')
+    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"FLOPs speed-up":>14} | '
+          f'{"gain realised":>13}')
     table = {}
     for ratio in ratios:
         value = median(results[ratio])
-        table[ratio] = value
-        print(f'{ratio:>10.3f} | {value:>9.1f} | {value / base:>7.2f}x')
+        measured, allowed = value / base, flops[ratios[0]] / flops[ratio]
+        realised = f'{(measured - 1) / (allowed - 1):.0%}' if allowed > 1.0001 else '-'
+        table[ratio] = dict(images_per_s=value, speedup=measured, flops_speedup=allowed, gflops=flops[ratio] / 1e9)
+        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.1f} | {measured:>7.2f}x | {allowed:>13.2f}x | '
+              f'{realised:>13}')
     return table
 
 

@@ -27,7 +27,8 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
     """ConvNeXt block with a fast path next to its pointwise MLP. (B, C, H, W) -> (B, C, H, W).
 
     Slow path: the block's ``norm -> pointwise_conv1 -> act -> pointwise_conv2 -> gamma``; fast path:
-    ``fast_path`` (LayerNorm + Linear) scaled by ``fast_path_gamma`` (initialised like the layer scale, 1e-6).
+    ``fast_path`` (LayerNorm + Linear) scaled by ``fast_path_gamma``, initialised to 1e-6 whatever the layer-scale
+    init, so that a fast path added to a pretrained dense ConvNeXt starts as a near no-op.
     Without routing it is exactly the ConvNeXt block.
     """
 
@@ -37,7 +38,7 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
             raise ValueError('DynamicConvNeXtBlock routes positions as tokens: it needs linear_pw_conv=True and no '
                              'GRN (ConvNeXt V2 normalises over the whole map)')
         self.fast_path = nn.Sequential(nn.LayerNorm(in_channels, eps=1e-6), nn.Linear(in_channels, in_channels))
-        self.fast_path_gamma = nn.Parameter(torch.full((in_channels, ), max(layer_scale_init_value, 1e-6)))
+        self.fast_path_gamma = nn.Parameter(torch.full((in_channels, ), 1e-6))
 
     def slow_path(self, tokens: torch.Tensor) -> torch.Tensor:
         # The block's LayerNorm2d only takes 4-d maps; on tokens it is a plain channel LayerNorm.

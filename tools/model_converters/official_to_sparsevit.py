@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Convert an official checkpoint to the sparsevit-mm layout, for every model family here.
+
+    python tools/model_converters/official_to_sparsevit.py SRC DST
+
+SRC: official DynamicViT / LV-ViT / DeiT (official or timm), DynamicSwin / Swin, or DynamicCNN / ConvNeXt weights
+(``{'model': state_dict}`` or a raw state dict; the family and arch are read off the keys and shapes).
+DST: an mmengine checkpoint (``{'state_dict': ..., 'meta': ...}``) of the whole classifier, ``backbone.*`` +
+``head.*``, for ``tools/test.py`` or ``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``;
+``meta`` records the backbone and head configs it fits. A checkpoint that does not fit names its missing and
+unexpected keys. Dense checkpoints convert the same way (their predictors / fast paths are simply absent).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from sparsevit_mm.converters import convert_official  # noqa: E402
+from sparsevit_mm.utils.checkpoint import load_state_dict_file  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Convert an official checkpoint to the sparsevit-mm layout')
+    parser.add_argument('src', help='official checkpoint')
+    parser.add_argument('dst', help='output path')
+    args = parser.parse_args(argv)
+    converted, backbone, head = convert_official(load_state_dict_file(args.src))
+    dynamic = any('score_predictors' in k for k in converted)
+    meta = dict(source=os.path.abspath(args.src), backbone=backbone, head=head, score_predictors=dynamic)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    torch.save({'state_dict': converted, 'meta': meta}, args.dst)
+    print(f'{args.src} -> {args.dst}: {backbone["type"]} arch {backbone["arch"]}, {head["type"]} '
+          f'({head["num_classes"]} classes), score predictors {"included" if dynamic else "absent (dense)"}')
+
+
+if __name__ == '__main__':
+    main()
