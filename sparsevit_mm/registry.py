@@ -8,7 +8,8 @@ mmdet, mmseg), so configs with ``default_scope`` ``'mmpretrain'``, ``'mmdet'`` o
 import importlib
 
 from .engine import FreezeBackboneHook, KeepRatioLossHook
-from .models import (DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
+from .evaluation import EarlyExitMetric
+from .models import (DVT, DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
                      TokenLabelingClsHead)
 
 BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
@@ -17,8 +18,9 @@ HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
 # framework -> registry name -> classes
 REGISTRATIONS = {
     'mmpretrain': {
-        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead],
+        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead, DVT, DVTExit],
         'HOOKS': HOOKS,
+        'METRICS': [EarlyExitMetric],
     },
     'mmdet': {
         'MODELS': BACKBONES,

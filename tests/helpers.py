@@ -261,3 +261,39 @@ default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_ep
                      checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
 work_dir = {str(work_dir)!r}
 """
+
+
+TINY_DVT = dict(embed_dims=32, depth=2, num_heads=2, mlp_ratio=2.0, qkv_bias=True, tokenizer='patch')
+
+
+def dvt_config(data_root, work_dir, max_iters=4, extra=''):
+    """A DVT config (tiny exits) on a :func:`make_imagenet_folder` set, images resized to 224."""
+    return f"""
+_base_ = ['mmpretrain::_base_/default_runtime.py']
+custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
+model = dict(type='DVT', arch={TINY_DVT!r}, num_classes=2, drop_path_rate=0.0,
+             data_preprocessor=dict(num_classes=2, mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                                    to_rgb=True){extra})
+train_pipeline = [dict(type='LoadImageFromFile'), dict(type='RandomResizedCrop', scale=224),
+                  dict(type='RandomFlip', prob=0.5), dict(type='PackInputs')]
+test_pipeline = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=224), dict(type='PackInputs')]
+train_dataloader = dict(batch_size=4, num_workers=0,
+    dataset=dict(type='CustomDataset', data_root={str(data_root)!r}, data_prefix='train', pipeline=train_pipeline),
+    sampler=dict(type='InfiniteSampler', shuffle=True))
+val_dataloader = dict(batch_size=4, num_workers=0,
+    dataset=dict(type='CustomDataset', data_root={str(data_root)!r}, data_prefix='val', pipeline=test_pipeline),
+    sampler=dict(type='DefaultSampler', shuffle=False))
+val_evaluator = [dict(type='Accuracy', topk=(1,)), dict(type='EarlyExitMetric')]
+test_dataloader = val_dataloader
+test_evaluator = val_evaluator
+optim_wrapper = dict(optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05))
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+val_cfg = dict()
+test_cfg = dict()
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+log_processor = dict(by_epoch=False)
+randomness = dict(seed=0)
+work_dir = {str(work_dir)!r}
+"""

@@ -1,8 +1,10 @@
 """Checkpoint layout conversions (one module per model family); ``tools/model_converters`` are their CLIs."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+
+from ..utils.checkpoint import load_state_dict_checked
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -13,6 +15,12 @@ def adapt_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
     Models whose backbone is not one of ours get the state dict unchanged.
     """
     from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
+    from ..models.classifiers import DVT
+    if isinstance(model, DVT):
+        if any(k.startswith('less_less_token.') for k in state_dict):
+            from .dvt import official_dvt_to_ours
+            return official_dvt_to_ours(state_dict)[0]
+        return state_dict
     backbone = getattr(model, 'backbone', None)
     if isinstance(backbone, DynamicViT):
         from .dynamicvit import to_classifier_state_dict
@@ -36,8 +44,10 @@ def hierarchical_to_classifier(state_dict: StateDict, backbone: nn.Module) -> St
 
 
 def detect_family(state_dict: StateDict) -> str:
-    """``'vit'`` (DeiT / LV-ViT / DynamicViT), ``'swin'`` or ``'convnext'`` for an official-layout checkpoint."""
+    """``'vit'`` (DeiT / LV-ViT / DynamicViT), ``'swin'``, ``'convnext'`` or ``'dvt'`` for an official checkpoint."""
     keys = list(state_dict)
+    if any(k.startswith(('less_less_token.', 'module.less_less_token.')) for k in keys):
+        return 'dvt'
     if any(k.startswith('layers.') and '.attn.' in k for k in keys):
         return 'swin'
     if any(k.startswith('downsample_layers.') for k in keys):
@@ -47,15 +57,23 @@ def detect_family(state_dict: StateDict) -> str:
     raise ValueError(f'not an official ViT / Swin / ConvNeXt checkpoint; first keys: {keys[:8]}')
 
 
-def convert_official(state_dict: StateDict):
+def convert_official(state_dict: StateDict, checkpoint: Optional[dict] = None):
     """Official DynamicViT / DeiT / LV-ViT / DynamicSwin / Swin / DynamicCNN / ConvNeXt checkpoint -> ours.
 
     Returns ``(classifier_state_dict, backbone_config, head_config)``: our classifier keys (``backbone.*`` +
-    ``head.*``), and the backbone / head configs they fit. The conversion is checked by loading the backbone part
+    ``head.*``), and the backbone / head configs they fit (for DVT: the whole model's config and None; pass the
+    whole official ``checkpoint`` so its exit costs and threshold table come along). The conversion is checked by loading the backbone part
     into that backbone (a checkpoint that does not fit raises naming its keys).
     """
     from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
     family = detect_family(state_dict)
+    if family == 'dvt':
+        from ..models.classifiers import DVT
+        from .dvt import official_dvt_to_ours
+        converted, arch = official_dvt_to_ours(checkpoint if checkpoint is not None else state_dict)
+        num_classes = converted['heads.0.weight'].shape[0]
+        load_state_dict_checked(DVT(arch=arch, num_classes=num_classes), converted, 'the DVT checkpoint')
+        return converted, dict(type='DVT', arch=arch, num_classes=num_classes), None
     if family == 'vit':
         from .dynamicvit import infer_backbone_kwargs, official_to_classifier
         kwargs = dict(type='DynamicViT', **infer_backbone_kwargs(state_dict))

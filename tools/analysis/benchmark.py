@@ -39,8 +39,67 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--budget-q', type=float, nargs='+', default=[0.5, 1.5],
+                        help='DVT: budgets as q of the exit law (fractions ~ q, q^2, q^3)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
+
+
+def benchmark_early_exit(model, args):
+    """DVT: early exit at two budgets vs the whole cascade vs a dense model on 14x14 tokens alone.
+
+    Thresholds for each budget are fitted on the benchmark batch itself (exit fractions proportional to q, q^2,
+    q^3, as DVT's budgets), so the measured exit fractions are the budget's; random weights make no difference to
+    what is timed.
+    """
+    from sparsevit_mm.models.backbones.dvt_exit import DVTExit
+    from sparsevit_mm.models.classifiers.dvt import NO_EXIT, exit_fraction_targets, fit_thresholds
+    images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
+    with torch.no_grad():
+        confidences = torch.stack([x.softmax(-1).amax(-1) for x in model.cascade(images)])
+    dense = DVTExit(14, **model.arch).to(args.device).eval()
+    dense_head = model.heads[-1]
+    costs = model.measure_exit_gflops(store=False)
+
+    def thresholds_for(q):
+        return fit_thresholds(confidences.cpu(), exit_fraction_targets(q))
+
+    settings = {'full cascade': [NO_EXIT, NO_EXIT, -NO_EXIT]}
+    for q in args.budget_q:
+        settings[f'early exit q={q:g}'] = thresholds_for(q)
+
+    def prepare(thresholds):
+        def run():
+            model.set_thresholds(thresholds)
+            return lambda x: model.early_exit(x)
+        return run
+
+    candidates = {name: prepare(t) for name, t in settings.items()}
+    candidates['dense 14x14 model'] = lambda: (lambda x: dense_head(dense.forward_exit(x).features))
+    results = side_by_side_throughput(candidates, images, args.rounds, args.iters, args.warmup)
+    base = median(results['full cascade'])
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
+        f'CPU, {torch.get_num_threads()} threads'
+    print(f'DVT {model.arch_name}, batch {args.batch_size}, 224x224, {device}, {args.rounds} interleaved rounds of '
+          f'{args.iters} batches; exit costs {", ".join(f"{c:.2f}" for c in costs)} GFLOPs (cumulative)')
+    print(f'{"setting":>22} | {"exit fractions":>16} | {"GFLOPs":>7} | {"images/s":>9} | {"vs cascade":>10}')
+    table = {}
+    for name in candidates:
+        value = median(results[name])
+        if name in settings:
+            model.set_thresholds(settings[name])
+            with torch.no_grad():
+                _, exits = model.early_exit(images)
+            fractions = [float((exits == k).float().mean()) for k in range(3)]
+            gflops = sum(f * c for f, c in zip(fractions, costs))
+            shown = ' / '.join(f'{f:.2f}' for f in fractions)
+        else:
+            fractions, shown = None, '-'
+            gflops = count_flops(lambda x: dense_head(dense.forward_exit(x).features), images[:1],
+                                 module=torch.nn.ModuleList([dense, dense_head])) / 1e9
+        table[name] = dict(images_per_s=value, gflops=gflops, fractions=fractions)
+        print(f'{name:>22} | {shown:>16} | {gflops:>7.2f} | {value:>9.1f} | {value / base:>9.2f}x')
+    return table
 
 
 def main(argv=None):
@@ -49,6 +108,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     height, width = (args.shape * 2)[:2]
     model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
+    if hasattr(model, 'early_exit'):
+        return benchmark_early_exit(model, args)
     backbone = model.backbone if hasattr(model, 'backbone') else model
     whole = not args.backbone_only and hasattr(model, 'head') and hasattr(model, 'extract_feat')
     forward = (lambda x: model(x, mode='tensor')) if whole else backbone

@@ -35,6 +35,14 @@ def main(argv=None):
     args = parse_args(argv)
     height, width = (args.shape * 2)[:2]
     model = init_model(args.config, cfg_options=args.cfg_options)
+    if hasattr(model, 'measure_exit_gflops'):  # an early-exit model (DVT): cost of stopping at each exit
+        costs = model.measure_exit_gflops(store=False)
+        print(f'{type(model).__name__} {model.arch_name}, input 224x224, '
+              f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters')
+        print(f'{"exit":>4} | {"tokens":>6} | {"GFLOPs (exits 1..k)":>19} | {"this exit":>9}')
+        for k, cost in enumerate(costs):
+            print(f'{k + 1:>4} | {model.grids[k]:>3}^2 | {cost:>19.3f} | {cost - (costs[k - 1] if k else 0):>9.3f}')
+        return costs
     backbone = model.backbone if hasattr(model, 'backbone') else model
     if not hasattr(backbone, 'keep_ratio'):
         raise ValueError(f'{type(backbone).__name__} has no keep_ratio; this tool compares token budgets of '

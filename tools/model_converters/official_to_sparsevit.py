@@ -3,8 +3,9 @@
 
     python tools/model_converters/official_to_sparsevit.py SRC DST
 
-SRC: official DynamicViT / LV-ViT / DeiT (official or timm), DynamicSwin / Swin, or DynamicCNN / ConvNeXt weights
-(``{'model': state_dict}`` or a raw state dict; the family and arch are read off the keys and shapes).
+SRC: official DynamicViT / LV-ViT / DeiT (official or timm), DynamicSwin / Swin, DynamicCNN / ConvNeXt, or DVT
+weights (``{'model': state_dict}``, DVT's ``{'model_state_dict': ...}`` or a raw state dict; the family and arch are
+read off the keys and shapes; DVT's stored exit costs and threshold table are kept).
 DST: an mmengine checkpoint (``{'state_dict': ..., 'meta': ...}``) of the whole classifier, ``backbone.*`` +
 ``head.*``, for ``tools/test.py`` or ``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``;
 ``meta`` records the backbone and head configs it fits. A checkpoint that does not fit names its missing and
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from sparsevit_mm.converters import convert_official  # noqa: E402
-from sparsevit_mm.utils.checkpoint import load_state_dict_file  # noqa: E402
+from sparsevit_mm.utils.checkpoint import load_checkpoint_file, unwrap_state_dict  # noqa: E402
 
 
 def main(argv=None):
@@ -27,12 +28,19 @@ def main(argv=None):
     parser.add_argument('src', help='official checkpoint')
     parser.add_argument('dst', help='output path')
     args = parser.parse_args(argv)
-    converted, backbone, head = convert_official(load_state_dict_file(args.src))
-    dynamic = any('score_predictors' in k for k in converted)
-    meta = dict(source=os.path.abspath(args.src), backbone=backbone, head=head, score_predictors=dynamic)
+    checkpoint = load_checkpoint_file(args.src)
+    converted, model, head = convert_official(unwrap_state_dict(checkpoint), checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    if head is None:  # a whole model (DVT)
+        torch.save({'state_dict': converted, 'meta': dict(source=os.path.abspath(args.src), model=model)}, args.dst)
+        print(f'{args.src} -> {args.dst}: {model["type"]} arch {model["arch"]}, {model["num_classes"]} classes, '
+              f'exit costs {"kept" if "exit_gflops" in converted else "absent"}, threshold table '
+              f'{"kept" if "threshold_table" in converted else "absent"}')
+        return
+    dynamic = any('score_predictors' in k for k in converted)
+    meta = dict(source=os.path.abspath(args.src), backbone=model, head=head, score_predictors=dynamic)
     torch.save({'state_dict': converted, 'meta': meta}, args.dst)
-    print(f'{args.src} -> {args.dst}: {backbone["type"]} arch {backbone["arch"]}, {head["type"]} '
+    print(f'{args.src} -> {args.dst}: {model["type"]} arch {model["arch"]}, {head["type"]} '
           f'({head["num_classes"]} classes), score predictors {"included" if dynamic else "absent (dense)"}')
 
 

@@ -1,7 +1,8 @@
 from .base import SparseBackbone, TokenSparsityResult
 from .dynamic_convnext import DynamicConvNeXt, DynamicConvNeXtBlock
 from .dynamic_swin import DynamicSwinBlock, DynamicSwinTransformer
+from .dvt_exit import DVTExit
 from .dynamic_vit import DynamicViT
 
-__all__ = ['SparseBackbone', 'TokenSparsityResult', 'DynamicConvNeXt', 'DynamicConvNeXtBlock', 'DynamicSwinBlock',
+__all__ = ['DVTExit', 'SparseBackbone', 'TokenSparsityResult', 'DynamicConvNeXt', 'DynamicConvNeXtBlock', 'DynamicSwinBlock',
            'DynamicSwinTransformer', 'DynamicViT']

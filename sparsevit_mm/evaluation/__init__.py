@@ -1,0 +1,3 @@
+from .dvt_metric import EarlyExitMetric
+
+__all__ = ['EarlyExitMetric']

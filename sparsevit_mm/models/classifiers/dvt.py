@@ -1,0 +1,246 @@
+"""DVT as an mmpretrain classifier: three exits, and inference that really stops early.
+
+Training: the sum of the three exits' classification losses (each exit sees the whole batch; soft targets from
+Mixup / CutMix work as in any mmpretrain head). Inference: exit 1 runs on the whole batch; samples whose top softmax
+probability reaches ``thresholds[0]`` stop there, only the others run exit 2 (reusing exit 1's features and
+relations, gathered for them), and so on. Thresholds come from the config, from a checkpoint (they are buffers of
+the model), or from a FLOPs budget and a fitted threshold table (``tools/analysis/dvt_thresholds.py``).
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from mmpretrain.models.classifiers.base import BaseClassifier
+from mmpretrain.registry import MODELS as PRETRAIN_MODELS
+from mmpretrain.structures import DataSample
+
+from ..backbones.dvt_exit import DVTExit, ExitState
+
+NO_EXIT = 1e8  # a threshold no confidence reaches
+
+
+def exit_fraction_targets(q: float, num_exits: int = 3) -> List[float]:
+    """DVT's budget law: the fractions of samples leaving at exits 1..K are proportional to q, q^2, ..., q^K."""
+    weights = [q ** (k + 1) for k in range(num_exits)]
+    return [w / sum(weights) for w in weights]
+
+
+def fit_thresholds(confidences: torch.Tensor, fractions: Sequence[float]) -> List[float]:
+    """Thresholds that make ``fractions`` of the samples leave at each exit (the official greedy rule).
+
+    Args:
+        confidences: (K, N) top softmax probability of each exit for N held-out samples.
+        fractions: K target fractions (the last exit takes whoever is left).
+    Returns:
+        K thresholds; exit k takes the samples still running whose confidence is >= threshold k. The last is
+        -1e8 (everybody left exits there).
+    """
+    num_exits, num_samples = confidences.shape
+    if len(fractions) != num_exits:
+        raise ValueError(f'{len(fractions)} exit fractions for {num_exits} exits')
+    running = torch.ones(num_samples, dtype=torch.bool)
+    thresholds = []
+    for k in range(num_exits - 1):
+        quota = int(num_samples * fractions[k])
+        threshold = NO_EXIT
+        if quota > 0:
+            order = confidences[k].argsort(descending=True)
+            still = order[running[order]]
+            if len(still):
+                threshold = float(confidences[k, still[min(quota, len(still)) - 1]])
+        thresholds.append(threshold)
+        running &= confidences[k] < threshold
+    return thresholds + [-NO_EXIT]
+
+
+class DVT(BaseClassifier):
+    """Dynamic Vision Transformer: a cascade of 7x7 / 10x10 / 14x14-token transformers with early exits.
+
+    Args:
+        arch: ``'t2t-vit-12'``, ``'t2t-vit-14'``, ``'deit-small'`` or a dict with ``embed_dims``, ``depth``,
+            ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``tokenizer``.
+        num_classes: classes of every exit's head.
+        thresholds: confidence thresholds of the exits (3 values, the last is ignored: everybody left exits
+            there), or None to run the whole cascade. Saved with the model (a buffer).
+        budget: a FLOPs budget (GFLOPs per image) that picks thresholds from the fitted ``threshold_table``
+            (loaded from a checkpoint; see ``tools/analysis/dvt_thresholds.py``).
+        feature_reuse / relation_reuse: the two reuse paths (on in the paper).
+        drop_path_rate: stochastic depth of every exit.
+        loss: the classification loss of each exit (mmpretrain loss config).
+        test_cfg: ``dict(mode='early_exit')`` (default) or ``dict(mode='anytime')`` (every exit runs on every
+            sample and all exits' scores are reported, for per-exit accuracy).
+    """
+    arch_zoo = {
+        't2t-vit-12': dict(embed_dims=256, depth=12, num_heads=4, mlp_ratio=2.0, qkv_bias=False, tokenizer='t2t'),
+        't2t-vit-14': dict(embed_dims=384, depth=14, num_heads=6, mlp_ratio=3.0, qkv_bias=False, tokenizer='t2t'),
+        'deit-small': dict(embed_dims=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True, tokenizer='patch'),
+    }
+    grids = (7, 10, 14)
+
+    def __init__(self, arch='t2t-vit-12', num_classes: int = 1000, thresholds: Optional[Sequence[float]] = None,
+                 budget: Optional[float] = None, feature_reuse: bool = True, relation_reuse: bool = True,
+                 drop_path_rate: float = 0.1, loss: dict = dict(type='CrossEntropyLoss', loss_weight=1.0),
+                 test_cfg: Optional[dict] = None, train_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None, init_cfg: Optional[dict] = None):
+        data_preprocessor = dict(data_preprocessor or {})
+        data_preprocessor.setdefault('type', 'ClsDataPreprocessor')
+        data_preprocessor.setdefault('batch_augments', train_cfg)
+        super().__init__(init_cfg=init_cfg, data_preprocessor=PRETRAIN_MODELS.build(data_preprocessor))
+        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise ValueError(f'unknown arch {arch!r} for DVT; choose one of {sorted(self.arch_zoo)} or a dict')
+            arch = self.arch_zoo[arch]
+        required = ('embed_dims', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'tokenizer')
+        if any(k not in arch for k in required):
+            raise ValueError(f'custom DVT arch {arch} needs the keys {required}')
+        self.arch = dict(arch)
+        self.exits = nn.ModuleList(
+            DVTExit(grid, drop_path_rate=drop_path_rate, feature_reuse=feature_reuse and k > 0,
+                    relation_reuse=relation_reuse and k > 0, **self.arch)
+            for k, grid in enumerate(self.grids))
+        self.heads = nn.ModuleList(nn.Linear(self.arch['embed_dims'], num_classes) for _ in self.grids)
+        self.num_classes = num_classes
+        self.loss_module = loss if isinstance(loss, nn.Module) else PRETRAIN_MODELS.build(loss)
+        self.test_cfg = {'mode': 'early_exit', **(test_cfg or {})}
+        if self.test_cfg['mode'] not in ('early_exit', 'anytime'):
+            raise ValueError(f"test_cfg mode must be 'early_exit' or 'anytime', got {self.test_cfg['mode']!r}")
+        # Saved with the model: thresholds in use, cumulative GFLOPs of exits 1..3, and a fitted budget table.
+        self.register_buffer('thresholds', torch.full((3, ), NO_EXIT))
+        self.register_buffer('exit_gflops', torch.zeros(3))
+        self.register_buffer('threshold_table', torch.zeros(0, 3))
+        self.register_buffer('threshold_table_gflops', torch.zeros(0))
+        # Thresholds or a budget given in the config win over those stored in a loaded checkpoint.
+        self._configured_thresholds = thresholds
+        self._budget = budget
+        if thresholds is not None:
+            self.set_thresholds(thresholds)
+
+    # ------------------------------------------------------------------------------------------ thresholds
+    def set_thresholds(self, thresholds: Sequence[float]):
+        thresholds = [float(t) for t in thresholds]
+        if len(thresholds) != len(self.grids):
+            raise ValueError(f'DVT needs {len(self.grids)} thresholds (one per exit; the last one only closes the '
+                             f'cascade), got {len(thresholds)}: {thresholds}')
+        self.thresholds.copy_(torch.tensor(thresholds))
+
+    def set_budget(self, gflops: float):
+        """Use the fitted thresholds whose expected cost is the highest within ``gflops`` per image."""
+        if len(self.threshold_table) == 0:
+            raise ValueError('no fitted threshold table: load a checkpoint written by tools/analysis/'
+                             'dvt_thresholds.py (or a converted official DVT checkpoint), or give thresholds')
+        cheapest = float(self.exit_gflops[0]) if float(self.exit_gflops[0]) > 0 else \
+            float(self.threshold_table_gflops.min())
+        if gflops < cheapest:
+            raise ValueError(f'budget {gflops:.3f} GFLOPs is below the cost of exit 1 ({cheapest:.3f} GFLOPs); '
+                             'no threshold can meet it')
+        within = (self.threshold_table_gflops <= gflops).nonzero().flatten()
+        if len(within) == 0:
+            raise ValueError(f'budget {gflops:.3f} GFLOPs is below every fitted setting '
+                             f'(from {float(self.threshold_table_gflops.min()):.3f} GFLOPs)')
+        best = within[self.threshold_table_gflops[within].argmax()]
+        self.set_thresholds(self.threshold_table[best].tolist())
+
+    @torch.no_grad()
+    def measure_exit_gflops(self, store: bool = True) -> List[float]:
+        """Cumulative GFLOPs (multiply-adds) of exits 1..3 for one 224 px image, as the early-exit path runs them."""
+        from ...analysis import count_flops
+        images = torch.zeros(1, 3, 224, 224, device=self.thresholds.device)
+        costs = [count_flops(lambda x, k=k: tuple(self.cascade(x, k)), images, module=self) / 1e9
+                 for k in range(1, len(self.exits) + 1)]
+        if store:
+            self.exit_gflops.copy_(torch.tensor(costs))
+        return costs
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Fitted tables differ in length from the empty defaults: take the checkpoint's shape.
+        for name in ('threshold_table', 'threshold_table_gflops'):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._configured_thresholds is not None:
+            self.set_thresholds(self._configured_thresholds)
+        elif self._budget is not None:
+            self.set_budget(self._budget)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def cascade(self, inputs: torch.Tensor, num_exits: int = 3) -> List[torch.Tensor]:
+        """Logits (B, num_classes) of the first ``num_exits`` exits, every exit on every sample."""
+        logits, state = [], None
+        for k in range(num_exits):
+            state = self.exits[k].forward_exit(inputs, state, need_relations=k < num_exits - 1)
+            logits.append(self.heads[k](state.features))
+        return logits
+
+    def extract_feat(self, inputs: torch.Tensor, stage: str = 'exit3'):
+        """The normed cls features of every exit (full cascade)."""
+        features, state = [], None
+        for k, exit_ in enumerate(self.exits):
+            state = exit_.forward_exit(inputs, state, need_relations=k < len(self.exits) - 1)
+            features.append(state.features)
+        return tuple(features)
+
+    def forward(self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None, mode: str = 'tensor'):
+        if mode == 'tensor':
+            return tuple(self.cascade(inputs))
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        if mode == 'predict':
+            return self.predict(inputs, data_samples)
+        raise RuntimeError(f'Invalid mode "{mode}".')
+
+    def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
+        if 'gt_score' in data_samples[0]:
+            target = torch.stack([s.gt_score for s in data_samples])
+        else:
+            target = torch.cat([s.gt_label for s in data_samples])
+        return {f'loss_exit{k + 1}': self.loss_module(logits, target, avg_factor=logits.size(0))
+                for k, logits in enumerate(self.cascade(inputs))}
+
+    @torch.no_grad()
+    def early_exit(self, inputs: torch.Tensor):
+        """Run the cascade with early exits. Returns logits (B, num_classes) and the exit (0-2) of each sample.
+
+        Only the samples still running enter exit k + 1; the reused features and relations are gathered for them.
+        """
+        batch = inputs.shape[0]
+        logits = inputs.new_zeros(batch, self.num_classes)
+        exit_of = torch.full((batch, ), len(self.exits) - 1, dtype=torch.long, device=inputs.device)
+        running = torch.arange(batch, device=inputs.device)
+        state: Optional[ExitState] = None
+        for k, (exit_, head) in enumerate(zip(self.exits, self.heads)):
+            last = k == len(self.exits) - 1
+            state = exit_.forward_exit(inputs[running], state, need_relations=not last)
+            exit_logits = head(state.features)
+            leave = torch.ones_like(running, dtype=torch.bool) if last else \
+                exit_logits.softmax(-1).amax(-1) >= self.thresholds[k]
+            logits[running[leave]] = exit_logits[leave].to(logits.dtype)
+            exit_of[running[leave]] = k
+            stay = ~leave
+            if last or not stay.any():
+                break
+            running = running[stay]
+            state = ExitState(state.tokens[stay], [r[stay] for r in state.relations], state.features[stay], state.grid)
+        return logits, exit_of
+
+    def predict(self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None) -> List[DataSample]:
+        if self.test_cfg['mode'] == 'anytime':
+            all_logits = torch.stack(self.cascade(inputs), dim=1)  # (B, 3, num_classes)
+            confidences = all_logits.softmax(-1).amax(-1)
+            passes = confidences >= self.thresholds.to(confidences)
+            passes[:, -1] = True
+            exit_of = passes.float().argmax(dim=1)
+            logits = all_logits[torch.arange(len(exit_of)), exit_of]
+        else:
+            all_logits = None
+            logits, exit_of = self.early_exit(inputs)
+        scores = logits.softmax(-1)
+        data_samples = data_samples if data_samples is not None else [DataSample() for _ in range(len(scores))]
+        for i, sample in enumerate(data_samples):
+            sample.set_pred_score(scores[i]).set_pred_label(scores[i].argmax(keepdim=True))
+            sample.set_field(int(exit_of[i]), 'exit_index', field_type='metainfo')
+            sample.set_field(self.exit_gflops.tolist(), 'exit_gflops', field_type='metainfo')
+            if all_logits is not None:
+                sample.set_field(all_logits[i].softmax(-1), 'exit_scores', field_type='data')
+        return data_samples
