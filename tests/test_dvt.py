@@ -180,3 +180,33 @@ def test_threshold_tool_fits_a_table_and_test_picks_a_budget(dvt_run):
     out = run_tool('tools/test.py', config, fitted, '--cfg-options', f'model.budget={budget}')
     gflops = float(re.search(r'early_exit/gflops: ([\d.]+)', out.stdout + out.stderr).group(1))
     assert gflops <= budget * 1.5  # the test split is not the fit split; the cost stays near the budget
+
+
+def test_converter_cli_keeps_costs_and_thresholds(tmp_path):
+    source = DVT(arch=TINY_DVT, num_classes=3)
+    official = official_dvt_state_dict(source.state_dict())
+    torch.save({'model_state_dict': official, 'flops': [0.1, 0.3, 0.7], 'dynamic_threshold': torch.rand(59, 3),
+                'budgeted_batch_classification': [torch.linspace(0.1, 0.7, 59).tolist(), [50.0] * 59],
+                'anytime_classification': [1.0, 2.0, 3.0]}, tmp_path / 'official.pth.tar')
+    out = run_tool('tools/model_converters/official_to_sparsevit.py', tmp_path / 'official.pth.tar',
+                   tmp_path / 'ours.pth')
+    assert 'exit costs kept, threshold table kept' in out.stdout
+    model = DVT(arch=TINY_DVT, num_classes=3, budget=0.5)
+    model.load_state_dict(torch.load(tmp_path / 'ours.pth')['state_dict'])
+    assert model.exit_gflops.tolist() == pytest.approx([0.1, 0.3, 0.7]) and float(model.thresholds.sum()) < 3
+
+
+def test_an_exit_is_a_backbone():
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(dict(type='ImageClassifier', backbone=dict(type='DVTExit', grid=14, **TINY_DVT),
+                                  head=dict(type='LinearClsHead', num_classes=4, in_channels=32)))
+    model.init_weights()
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 4)
+
+
+def test_get_flops_reports_each_exit():
+    out = run_tool('tools/analysis/get_flops.py', 'configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py')
+    costs = [float(x) for x in re.findall(r'^\s+\d \|\s+\d+\^2 \|\s+([\d.]+) \|', out.stdout, re.M)]
+    assert costs == pytest.approx([0.47, 1.45, 3.46], rel=0.03)  # torch's FLOP counter on the official modules

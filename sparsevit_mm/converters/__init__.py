@@ -4,7 +4,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..utils.checkpoint import load_state_dict_checked
+from ..utils.checkpoint import CheckpointMismatchError
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -72,7 +72,10 @@ def convert_official(state_dict: StateDict, checkpoint: Optional[dict] = None):
         from .dvt import official_dvt_to_ours
         converted, arch = official_dvt_to_ours(checkpoint if checkpoint is not None else state_dict)
         num_classes = converted['heads.0.weight'].shape[0]
-        load_state_dict_checked(DVT(arch=arch, num_classes=num_classes), converted, 'the DVT checkpoint')
+        try:  # strict; DVT sizes its threshold-table buffers from the checkpoint while loading
+            DVT(arch=arch, num_classes=num_classes).load_state_dict(converted)
+        except RuntimeError as error:
+            raise CheckpointMismatchError(f'the DVT checkpoint does not fit: {error}') from error
         return converted, dict(type='DVT', arch=arch, num_classes=num_classes), None
     if family == 'vit':
         from .dynamicvit import infer_backbone_kwargs, official_to_classifier
