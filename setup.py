@@ -37,6 +37,8 @@ setup(
         'ftfy',
         'regex',
         'einops',
+        # U-ViT's latent space (Stable Diffusion's KL autoencoder) and FID's matrix square root
+        'diffusers>=0.30',
         'scipy',
         'shapely',
         'terminaltables',

@@ -56,22 +56,30 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def side_by_side_throughput(candidates: Dict[str, Callable[[], object]], inputs: torch.Tensor, rounds: int = 5,
-                            iters: int = 10, warmup: int = 3, progress: bool = True) -> Dict[str, List[float]]:
+                            iters: int = 10, warmup: int = 3, progress: bool = True,
+                            grad: bool = False) -> Dict[str, List[float]]:
     """Images/s of each candidate, measured in interleaved rounds so that machine noise hits all of them alike.
 
     Args:
         candidates: name -> a zero-argument callable that switches the model into that setting and returns
             the function to time (called with ``inputs``).
         rounds: each round times every candidate once (``iters`` calls after ``warmup`` calls).
+        grad: run with autograd on (training steps); off by default (inference).
     Returns:
         name -> images/s of every round (report the median).
     """
     from tqdm import tqdm
     results = {name: [] for name in candidates}
-    device = inputs.device
     bar = tqdm(total=rounds * len(candidates), desc='benchmark', disable=not progress, leave=False)
+    with torch.set_grad_enabled(grad):
+        _timed_rounds(candidates, inputs, rounds, iters, warmup, results, bar)
+    bar.close()
+    return results
+
+
+def _timed_rounds(candidates, inputs, rounds, iters, warmup, results, bar):
+    device = inputs.device
     for _ in range(rounds):
         for name, prepare in candidates.items():
             fn = prepare()
@@ -84,8 +92,6 @@ def side_by_side_throughput(candidates: Dict[str, Callable[[], object]], inputs:
             _sync(device)
             results[name].append(iters * inputs.shape[0] / (time.perf_counter() - start))
             bar.update()
-    bar.close()
-    return results
 
 
 def median(values: Sequence[float]) -> float:

@@ -10,7 +10,7 @@ import importlib
 from .engine import FreezeBackboneHook, KeepRatioLossHook
 from .evaluation import EarlyExitMetric
 from .models import (DVT, DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
-                     TokenLabelingClsHead)
+                     TokenLabelingClsHead, UViT, UViTBackbone, UViTDiffusion)
 
 BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
 HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
@@ -18,7 +18,7 @@ HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
 # framework -> registry name -> classes
 REGISTRATIONS = {
     'mmpretrain': {
-        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead, DVT, DVTExit],
+        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead, DVT, DVTExit, UViT, UViTDiffusion],
         'HOOKS': HOOKS,
         'METRICS': [EarlyExitMetric],
     },
@@ -27,7 +27,7 @@ REGISTRATIONS = {
         'HOOKS': HOOKS,
     },
     'mmseg': {
-        'MODELS': BACKBONES,
+        'MODELS': [*BACKBONES, UViTBackbone],
         'HOOKS': HOOKS,
     },
 }

@@ -297,3 +297,32 @@ log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
 work_dir = {str(work_dir)!r}
 """
+
+
+TINY_UVIT = dict(embed_dims=64, depth=4, num_heads=4)
+
+
+def uvit_config(data_root, work_dir, max_iters=200, num_classes=0, extra_model=''):
+    """A tiny pixel-space U-ViT diffusion config on a :func:`make_imagenet_folder` set (32x32 images)."""
+    return f"""
+_base_ = ['{(REPO / 'configs' / '_base_' / 'uvit_runtime.py').as_posix()}']
+model = dict(
+    type='UViTDiffusion',
+    network=dict(type='UViT', arch={TINY_UVIT!r}, img_size=32, patch_size=4, in_channels=3,
+                 num_classes={num_classes}),
+    schedule='continuous', sampler=dict(steps=10, order=2){extra_model})
+train_dataloader = dict(batch_size=16, num_workers=0, persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(type='CustomDataset', data_root={str(data_root)!r}, data_prefix='train',
+                 pipeline=[dict(type='LoadImageFromFile'), dict(type='RandomFlip', prob=0.5),
+                           dict(type='PackInputs')]))
+optim_wrapper = dict(optimizer=dict(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0))
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
+                   dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=20)]
+train_cfg = dict(max_iters={max_iters})
+custom_hooks = [dict(type='EMAHook', momentum=0.05, update_buffers=False, priority='ABOVE_NORMAL')]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=10),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters // 2}, by_epoch=False))
+randomness = dict(seed=0)
+work_dir = {str(work_dir)!r}
+"""

@@ -16,6 +16,11 @@ def adapt_state_dict(model: nn.Module, state_dict: StateDict) -> StateDict:
     """
     from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
     from ..models.classifiers import DVT
+    from ..models.diffusion import UViTDiffusion
+    if isinstance(model, UViTDiffusion):
+        if any(k.startswith('in_blocks.') for k in state_dict):  # an official plain U-ViT state dict
+            return {f'network.{k}': v for k, v in state_dict.items()}
+        return state_dict
     if isinstance(model, DVT):
         if any(k.startswith('less_less_token.') for k in state_dict):
             from .dvt import official_dvt_to_ours
@@ -44,10 +49,12 @@ def hierarchical_to_classifier(state_dict: StateDict, backbone: nn.Module) -> St
 
 
 def detect_family(state_dict: StateDict) -> str:
-    """``'vit'`` (DeiT / LV-ViT / DynamicViT), ``'swin'``, ``'convnext'`` or ``'dvt'`` for an official checkpoint."""
+    """``'vit'``, ``'swin'``, ``'convnext'``, ``'dvt'`` or ``'uvit'``: the family of an official checkpoint."""
     keys = list(state_dict)
     if any(k.startswith(('less_less_token.', 'module.less_less_token.')) for k in keys):
         return 'dvt'
+    if any(k.startswith('in_blocks.') for k in keys) and any(k.startswith('mid_block.') for k in keys):
+        return 'uvit'
     if any(k.startswith('layers.') and '.attn.' in k for k in keys):
         return 'swin'
     if any(k.startswith('downsample_layers.') for k in keys):
@@ -67,6 +74,16 @@ def convert_official(state_dict: StateDict, checkpoint: Optional[dict] = None):
     """
     from ..models.backbones import DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
     family = detect_family(state_dict)
+    if family == 'uvit':
+        from ..models.backbones import UViT
+        from .uvit import official_uvit_to_ours
+        converted, network = official_uvit_to_ours(state_dict)
+        try:
+            UViT(**{k: v for k, v in network.items() if k != 'type'}).load_state_dict(
+                {k[len('network.'):]: v for k, v in converted.items()})
+        except RuntimeError as error:
+            raise CheckpointMismatchError(f'the U-ViT checkpoint does not fit: {error}') from error
+        return converted, dict(type='UViTDiffusion', network=network), None
     if family == 'dvt':
         from ..models.classifiers import DVT
         from .dvt import official_dvt_to_ours

@@ -1,7 +1,8 @@
-from .backbones import DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT
+from .backbones import DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, UViT, UViTBackbone
 from .classifiers import DVT, DynamicViTClassifier
+from .diffusion import UViTDiffusion
 from .heads import TokenLabelingClsHead
 from .teacher import FrozenTeacher
 
-__all__ = ['DVTExit', 'DynamicConvNeXt', 'DynamicSwinTransformer', 'DynamicViT', 'DVT', 'DynamicViTClassifier',
-           'TokenLabelingClsHead', 'FrozenTeacher']
+__all__ = ['DVTExit', 'DynamicConvNeXt', 'DynamicSwinTransformer', 'DynamicViT', 'UViT', 'UViTBackbone', 'DVT',
+           'DynamicViTClassifier', 'UViTDiffusion', 'TokenLabelingClsHead', 'FrozenTeacher']

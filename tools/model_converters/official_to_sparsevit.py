@@ -3,8 +3,8 @@
 
     python tools/model_converters/official_to_sparsevit.py SRC DST
 
-SRC: official DynamicViT / LV-ViT / DeiT (official or timm), DynamicSwin / Swin, DynamicCNN / ConvNeXt, or DVT
-weights (``{'model': state_dict}``, DVT's ``{'model_state_dict': ...}`` or a raw state dict; the family and arch are
+SRC: official DynamicViT / LV-ViT / DeiT (official or timm), DynamicSwin / Swin, DynamicCNN / ConvNeXt, DVT or
+U-ViT (``nnet.pth`` / ``nnet_ema.pth``) weights (``{'model': state_dict}``, DVT's ``{'model_state_dict': ...}`` or a raw state dict; the family and arch are
 read off the keys and shapes; DVT's stored exit costs and threshold table are kept).
 DST: an mmengine checkpoint (``{'state_dict': ..., 'meta': ...}``) of the whole classifier, ``backbone.*`` +
 ``head.*``, for ``tools/test.py`` or ``init_cfg=dict(type='Pretrained', checkpoint=DST, prefix='backbone.')``;
@@ -31,11 +31,14 @@ def main(argv=None):
     checkpoint = load_checkpoint_file(args.src)
     converted, model, head = convert_official(unwrap_state_dict(checkpoint), checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    if head is None:  # a whole model (DVT)
+    if head is None:  # a whole model (DVT, U-ViT)
         torch.save({'state_dict': converted, 'meta': dict(source=os.path.abspath(args.src), model=model)}, args.dst)
-        print(f'{args.src} -> {args.dst}: {model["type"]} arch {model["arch"]}, {model["num_classes"]} classes, '
-              f'exit costs {"kept" if "exit_gflops" in converted else "absent"}, threshold table '
-              f'{"kept" if "threshold_table" in converted else "absent"}')
+        if model['type'] == 'DVT':
+            print(f'{args.src} -> {args.dst}: DVT arch {model["arch"]}, {model["num_classes"]} classes, exit costs '
+                  f'{"kept" if float(converted["exit_gflops"].sum()) > 0 else "absent"}, threshold table '
+                  f'{"kept" if len(converted["threshold_table"]) else "absent"}')
+        else:
+            print(f'{args.src} -> {args.dst}: UViTDiffusion with network {model["network"]}')
         return
     dynamic = any('score_predictors' in k for k in converted)
     meta = dict(source=os.path.abspath(args.src), backbone=model, head=head, score_predictors=dynamic)

@@ -1,0 +1,8 @@
+# U-ViT-S as a segmentation backbone: mmseg's own UperNet 160k ADE20K recipe with the backbone swapped for
+# UViTBackbone (fixed timestep, no label, a simple 4-level pyramid from the stride-16 token map).
+_base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(_delete_=True, type='UViTBackbone', arch='small', img_size=512, patch_size=16),
+    decode_head=dict(in_channels=[512, 512, 512, 512]),
+    auxiliary_head=dict(in_channels=512))

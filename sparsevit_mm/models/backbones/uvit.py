@@ -1,0 +1,288 @@
+"""U-ViT: a plain ViT with long skip connections as a diffusion backbone (Bao et al., CVPR 2023).
+
+Every input is a token: [label], time, patches (+ a learned position embedding). ``depth // 2`` in-blocks, a mid
+block and ``depth // 2`` out-blocks; each out-block first joins the output of its mirror in-block (last in, first
+out) by concatenation and a Linear(2D -> D). Head: LayerNorm -> Linear(p * p * C) -> unpatchify -> optional 3x3
+conv. Module names follow the official code, so official checkpoints load as they are.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from timm.layers import Mlp
+
+ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
+
+
+def timestep_embedding(timesteps: torch.Tensor, dims: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dims), cosines first (as U-ViT / ADM)."""
+    half = dims // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(embedding, (0, dims % 2))
+
+
+class UViTAttention(nn.Module):
+    """Multi-head self-attention; ``backend``: 'sdpa' (flash / memory-efficient kernels), 'xformers', 'math'."""
+
+    def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = False, backend: str = 'sdpa'):
+        super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f'attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}')
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, num, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, num, 3, self.num_heads, channels // self.num_heads)
+        if self.backend == 'xformers':
+            import xformers.ops as xops  # optional; CUDA only
+            q, k, v = qkv.unbind(2)  # (B, N, H, d)
+            out = xops.memory_efficient_attention(q, k, v).reshape(batch, num, channels)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+            if self.backend == 'sdpa':
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                weights = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+                out = weights @ v
+            out = out.transpose(1, 2).reshape(batch, num, channels)
+        return self.proj(out)
+
+
+class UViTBlock(nn.Module):
+    """Pre-norm block; an out-block first merges the long skip: Linear(concat[x, skip]) (current stream first)."""
+
+    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 skip: bool = False, backend: str = 'sdpa'):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * embed_dims, embed_dims) if skip else None
+        self.norm1 = nn.LayerNorm(embed_dims)
+        self.attn = UViTAttention(embed_dims, num_heads, qkv_bias, backend)
+        self.norm2 = nn.LayerNorm(embed_dims)
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class UViTPatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H * W / p^2, D) by a p x p convolution with stride p."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class UViT(BaseModule):
+    """The U-ViT noise-prediction network: (x_t, timesteps[, labels]) -> predicted noise, same shape as x_t.
+
+    Args:
+        arch: ``'small'`` (512 wide, 13 blocks, 8 heads), ``'mid'`` (768/17/12), ``'large'`` (1024/21/16),
+            ``'huge'`` (1152/29/16, no final conv), or a dict with ``embed_dims``, ``depth`` (in + out blocks, the
+            mid block comes on top), ``num_heads``.
+        img_size / patch_size / in_channels: the (latent) image the network sees; patch 2 on 32x32 latents, 4 on
+            64x64 inputs. Sides must be multiples of the patch size.
+        num_classes: class-conditional with this many labels, one of which may be the null label of classifier-free
+            guidance (ImageNet: 1001, label 1000 is null); 0 for an unconditional model.
+        conv: the final 3x3 convolution (the official Huge models have none; default: per arch).
+        mlp_time_embed: an MLP on the time embedding (off in every official config).
+        use_checkpoint: gradient checkpointing of every block.
+        attention: 'sdpa' (default; flash / memory-efficient on GPU), 'xformers' (optional, CUDA) or 'math'.
+    """
+    arch_zoo = {
+        'small': dict(embed_dims=512, depth=12, num_heads=8, conv=True),
+        'mid': dict(embed_dims=768, depth=16, num_heads=12, conv=True),
+        'large': dict(embed_dims=1024, depth=20, num_heads=16, conv=True),
+        'huge': dict(embed_dims=1152, depth=28, num_heads=16, conv=False),
+    }
+
+    def __init__(self, arch='small', img_size: int = 32, patch_size: int = 2, in_channels: int = 3,
+                 num_classes: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = False, conv: Optional[bool] = None,
+                 mlp_time_embed: bool = False, use_checkpoint: bool = False, attention: str = 'sdpa',
+                 init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise ValueError(f'unknown arch {arch!r} for UViT; choose one of {sorted(self.arch_zoo)} or a dict')
+            arch = self.arch_zoo[arch]
+        missing = [k for k in ('embed_dims', 'depth', 'num_heads') if k not in arch]
+        if missing:
+            raise ValueError(f'custom UViT arch {arch} lacks {missing}')
+        if img_size % patch_size:
+            raise ValueError(f'image size {img_size} is not a multiple of the patch size {patch_size}')
+        dims = self.embed_dims = arch['embed_dims']
+        self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.patch_embed = UViTPatchEmbed(patch_size, in_channels, dims)
+        num_patches = (img_size // patch_size) ** 2
+        self.time_embed = nn.Sequential(nn.Linear(dims, 4 * dims), nn.SiLU(), nn.Linear(4 * dims, dims)) \
+            if mlp_time_embed else nn.Identity()
+        self.label_emb = nn.Embedding(num_classes, dims) if num_classes > 0 else None
+        self.extras = 2 if num_classes > 0 else 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, dims))
+        block = dict(embed_dims=dims, num_heads=arch['num_heads'], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                     backend=attention)
+        self.in_blocks = nn.ModuleList(UViTBlock(**block) for _ in range(arch['depth'] // 2))
+        self.mid_block = UViTBlock(**block)
+        self.out_blocks = nn.ModuleList(UViTBlock(**block, skip=True) for _ in range(arch['depth'] // 2))
+        self.norm = nn.LayerNorm(dims)
+        self.decoder_pred = nn.Linear(dims, patch_size ** 2 * in_channels)
+        use_conv = arch.get('conv', True) if conv is None else conv
+        self.final_layer = nn.Conv2d(in_channels, in_channels, 3, padding=1) if use_conv else nn.Identity()
+
+    def set_attention(self, backend: str):
+        """Switch every block's attention backend ('sdpa', 'xformers', 'math') without touching the weights."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f'attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}')
+        for module in self.modules():
+            if isinstance(module, UViTAttention):
+                module.backend = backend
+
+    def init_weights(self):
+        super().init_weights()
+        if self.init_cfg is None:
+            trunc_normal_(self.pos_embed, std=0.02)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    trunc_normal_(module.weight, std=0.02)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+    def check_inputs(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
+        if x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f'UViT was built for {self.in_channels}x{self.img_size}x{self.img_size} inputs, got '
+                             f'{tuple(x.shape[1:])}')
+        if self.num_classes > 0:
+            if labels is None:
+                raise ValueError('this UViT is class-conditional: pass labels')
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f'labels must lie in [0, {self.num_classes}); got values in '
+                                 f'[{int(labels.min())}, {int(labels.max())}]')
+        elif labels is not None:
+            raise ValueError('this UViT is unconditional (num_classes=0); it takes no labels')
+
+    def _block(self, block: UViTBlock, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.use_checkpoint and x.requires_grad:
+            return cp.checkpoint(block, x, skip, use_reentrant=False)
+        return block(x, skip)
+
+    def forward_tokens(self, x: torch.Tensor, timesteps: torch.Tensor,
+                       labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W), (B,) -> final tokens (B, extras + N, D) after the out-blocks (before the norm)."""
+        self.check_inputs(x, labels)
+        x = self.patch_embed(x)
+        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dims)).unsqueeze(1)
+        x = torch.cat([time_token.to(x.dtype), x], dim=1)
+        if self.label_emb is not None:
+            x = torch.cat([self.label_emb(labels).unsqueeze(1).to(x.dtype), x], dim=1)
+        return self.run_blocks(x + self.pos_embed)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """In-blocks, mid block, out-blocks with the long skips paired last in, first out. (B, N, D) -> (B, N, D)."""
+        skips = []
+        for block in self.in_blocks:
+            x = self._block(block, x)
+            skips.append(x)
+        x = self._block(self.mid_block, x)
+        for block in self.out_blocks:
+            x = self._block(block, x, skips.pop())
+        return x
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, p * p * C) with channels fastest -> (B, C, H, W)."""
+        batch, num, _ = tokens.shape
+        side, p, c = int(math.isqrt(num)), self.patch_size, self.in_channels
+        x = tokens.reshape(batch, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(batch, c, side * p, side * p)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """x_t (B, C, H, W), timesteps (B,) as the schedule feeds them, labels (B,) -> (B, C, H, W)."""
+        tokens = self.decoder_pred(self.norm(self.forward_tokens(x, timesteps, labels)))
+        return self.final_layer(self.unpatchify(tokens[:, self.extras:]))
+
+
+class UViTBackbone(BaseModule):
+    """U-ViT as a dense-prediction backbone (mmseg): images -> a simple 4-level feature pyramid.
+
+    The transformer sees RGB patches with the time token at a fixed timestep and no label; its final tokens form a
+    single-scale map at stride ``patch_size``, turned into strides 4 / 8 / 16 / 32 (for patch 16) by two transposed
+    convolutions, one transposed convolution, identity and max pooling (ViTDet's simple pyramid).
+
+    Args:
+        arch / patch_size / attention / use_checkpoint: as :class:`UViT`.
+        img_size: the training crop; other sizes resize the position embedding.
+        timestep: the fixed timestep of the time token.
+        init_cfg: ``dict(type='Pretrained', checkpoint=...)`` with a U-ViT checkpoint (official or ours) loads the
+            transformer; the pyramid starts fresh.
+    """
+
+    def __init__(self, arch='small', img_size: int = 512, patch_size: int = 16, timestep: float = 0.0,
+                 attention: str = 'sdpa', use_checkpoint: bool = False, init_cfg=None):
+        super().__init__(init_cfg=init_cfg)
+        self.uvit = UViT(arch, img_size, patch_size, 3, num_classes=0, conv=False, attention=attention,
+                         use_checkpoint=use_checkpoint)
+        self.timestep = timestep
+        dims = self.uvit.embed_dims
+        self.embed_dims = dims
+        self.pyramid = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(dims, dims, 2, 2), nn.GroupNorm(32, dims), nn.GELU(),
+                          nn.ConvTranspose2d(dims, dims, 2, 2)),
+            nn.ConvTranspose2d(dims, dims, 2, 2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ])
+
+    def init_weights(self):
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
+            self.uvit.init_weights()
+            state = load_state_dict_file(cfg['checkpoint'])
+            prefix = cfg.get('prefix') or ('network.' if any(k.startswith('network.') for k in state) else '')
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            # A diffusion checkpoint has its own patch embedding, head and size: keep the transformer blocks.
+            state = {k: v for k, v in state.items() if k.split('.')[0] in ('in_blocks', 'mid_block', 'out_blocks')}
+            load_state_dict_checked(self.uvit, state, cfg['checkpoint'],
+                                    optional_groups=(r'^(patch_embed|pos_embed|norm|decoder_pred|final_layer)',))
+            self._is_init = True
+        else:
+            super().init_weights()
+            self.uvit.init_weights()
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        uvit = self.uvit
+        height, width = images.shape[-2:]
+        if height % uvit.patch_size or width % uvit.patch_size:
+            raise ValueError(f'input size {height}x{width} is not a multiple of the patch size {uvit.patch_size}')
+        grid = (height // uvit.patch_size, width // uvit.patch_size)
+        x = uvit.patch_embed(images)
+        timesteps = images.new_full((images.shape[0], ), self.timestep)
+        time_token = timestep_embedding(timesteps, self.embed_dims).unsqueeze(1).to(x.dtype)
+        pos_embed = uvit.pos_embed
+        train_side = uvit.img_size // uvit.patch_size
+        if grid != (train_side, train_side):
+            patches = pos_embed[:, 1:].reshape(1, train_side, train_side, -1).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=grid, mode='bicubic', align_corners=False)
+            pos_embed = torch.cat([pos_embed[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+        x = uvit.run_blocks(torch.cat([time_token, x], dim=1) + pos_embed)
+        feature = x[:, 1:].transpose(1, 2).reshape(images.shape[0], -1, *grid)
+        return tuple(level(feature) for level in self.pyramid)

@@ -1,0 +1,292 @@
+"""U-ViT: archs, official checkpoints, schedules, loss, guidance, sampler, tools, segmentation backbone, bad input."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsevit_mm.converters import convert_official
+from sparsevit_mm.models import UViT, UViTDiffusion
+from sparsevit_mm.models.diffusion import DiscreteSchedule, VPSchedule, dpm_solver_sample
+
+from .helpers import TINY_UVIT, make_imagenet_folder, run_tool, uvit_config
+from .reference.official_uvit import official_uvit_forward
+
+
+@pytest.mark.parametrize('arch,kwargs,params,keys', [
+    ('small', dict(img_size=32, patch_size=2), 44.26, 164),
+    ('mid', dict(img_size=64, patch_size=4, num_classes=1000), 130.94, 213),
+    ('large', dict(img_size=32, patch_size=2, in_channels=4, num_classes=1001), 286.76, 261),
+    ('huge', dict(img_size=32, patch_size=2, in_channels=4, num_classes=1001), 500.83, 355)])
+def test_arch_parameters_keys_and_shapes(arch, kwargs, params, keys):
+    model = UViT(arch, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, abs=0.006)
+    assert len(model.state_dict()) == keys
+    assert (arch == 'huge') == isinstance(model.final_layer, torch.nn.Identity)
+    if arch == 'small':
+        x = torch.randn(2, 3, 32, 32)
+        assert model(x, torch.tensor([1.0, 500.0])).shape == x.shape
+
+
+@pytest.mark.parametrize('num_classes,conv', [(0, True), (11, False)])
+def test_official_checkpoint_reproduces_the_network_output(num_classes, conv):
+    torch.manual_seed(0)
+    source = UViT(TINY_UVIT, img_size=16, patch_size=2, in_channels=4, num_classes=num_classes, conv=conv)
+    source.init_weights()
+    official = {k: v + 0.02 * torch.randn_like(v) for k, v in source.state_dict().items()}
+    converted, model_cfg, _ = convert_official(official)
+    assert model_cfg['network']['num_classes'] == num_classes and model_cfg['network']['conv'] == conv
+    model_cfg['network']['arch']['num_heads'] = 4  # not stored in checkpoints; read off the width for official sizes
+    model = UViTDiffusion(**{k: v for k, v in model_cfg.items() if k != 'type'})
+    model.load_state_dict(converted)
+    x = torch.randn(3, 4, 16, 16)
+    t = torch.tensor([3.0, 400.0, 999.0])
+    labels = torch.tensor([0, 5, 10]) if num_classes else None
+    with torch.no_grad():
+        ours = model.network(x, t, labels)
+    expected = official_uvit_forward(official, x, t, labels, heads=4, patch=2)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_schedules_match_their_formulas():
+    vp = VPSchedule()
+    t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
+    assert torch.allclose(vp.alpha_bar(t), torch.exp(-(0.1 * t + 9.95 * t ** 2)))
+    assert torch.allclose(vp.inverse_lambda(vp.lambda_(t)), t, atol=1e-8)
+    assert torch.allclose(vp.network_time(torch.tensor([0.5])), torch.tensor([499.5]))
+    discrete = DiscreteSchedule()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    n = torch.tensor([1, 10, 500, 1000], dtype=torch.float64)
+    assert torch.allclose(discrete.alpha_bar(n / 1000.0), torch.cumprod(1 - betas, 0)[n.long() - 1])
+    assert torch.allclose(discrete.inverse_lambda(discrete.lambda_(n / 1000.0)), n / 1000.0, atol=1e-6)
+    assert discrete.network_time(torch.tensor([0.5])).item() == 500.0
+
+
+def tiny_model(**kwargs):
+    network = dict(type='UViT', arch=TINY_UVIT, img_size=16, patch_size=4, num_classes=kwargs.pop('num_classes', 0))
+    model = UViTDiffusion(network=network, **kwargs)
+    model.network.init_weights()
+    return model
+
+
+@pytest.mark.parametrize('schedule', ['continuous', 'discrete'])
+def test_loss_is_the_noise_mse(schedule):
+    model = tiny_model(schedule=schedule)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    torch.manual_seed(7)
+    loss = model.loss(x0)['loss']
+    torch.manual_seed(7)
+    t = model.schedule.sample_train_time(4, 'cpu')
+    noise = torch.randn_like(x0)
+    alpha = torch.exp(model.schedule.log_alpha(t)).float().view(-1, 1, 1, 1)
+    sigma = model.schedule.sigma(t).float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        predicted = model.network(alpha * x0 + sigma * noise, model.schedule.network_time(t))
+    assert loss.item() == pytest.approx(((predicted - noise) ** 2).mean().item(), rel=1e-5)
+    if schedule == 'discrete':
+        n = t * 1000
+        assert torch.allclose(n, n.round()) and n.min() >= 1 and n.max() <= 1000
+
+
+def test_classifier_free_guidance_dropout_rate():
+    model = tiny_model(num_classes=6, p_uncond=0.15)
+    labels = torch.randint(0, 5, (40000, ))
+    dropped = model.drop_labels(labels)
+    assert model.null_label == 5
+    rate = (dropped == 5).float().mean().item()
+    assert rate == pytest.approx(0.15, abs=0.01)
+    assert torch.equal(dropped[dropped != 5], labels[dropped != 5])
+
+
+@pytest.mark.parametrize('schedule,data_prediction', [(VPSchedule(), False), (DiscreteSchedule(), True)])
+def test_dpm_solver_reaches_a_gaussian_in_few_steps(schedule, data_prediction):
+    """Data N(mu, s^2): the exact noise predictor is known, so the ODE's answer is too."""
+    mu, s = 1.5, 0.3
+
+    def exact_noise(x, t):
+        alpha = torch.exp(schedule.log_alpha(t)).view(-1, 1).to(x)
+        sigma = schedule.sigma(t).view(-1, 1).to(x)
+        return sigma * (x - alpha * mu) / (alpha ** 2 * s ** 2 + sigma ** 2)
+
+    t_start, t_end = schedule.sampling_range()
+    a_start = float(torch.exp(schedule.log_alpha(torch.tensor(t_start, dtype=torch.float64))))
+    s_start = float(schedule.sigma(torch.tensor(t_start, dtype=torch.float64)))
+    a_end = float(torch.exp(schedule.log_alpha(torch.tensor(t_end, dtype=torch.float64))))
+    s_end = float(schedule.sigma(torch.tensor(t_end, dtype=torch.float64)))
+    target_std = (a_end ** 2 * s ** 2 + s_end ** 2) ** 0.5
+    errors = {}
+    for steps in (10, 20, 50):
+        torch.manual_seed(0)
+        x = a_start * mu + (a_start ** 2 * s ** 2 + s_start ** 2) ** 0.5 * torch.randn(20000, 4)
+        y = dpm_solver_sample(exact_noise, x, schedule, steps=steps, order=3, data_prediction=data_prediction)
+        errors[steps] = abs(y.std().item() - target_std)
+        assert y.mean().item() == pytest.approx(a_end * mu, abs=0.01)
+    assert errors[20] < 0.01 and errors[50] < 0.01
+    assert errors[50] <= errors[10] + 1e-3, errors
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match='image size 30 is not a multiple of the patch size 4'):
+        UViT(TINY_UVIT, img_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="unknown arch 'giant'"):
+        UViT('giant')
+    conditional = tiny_model(num_classes=6, p_uncond=0.1)
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 6\)'):
+        conditional.network(torch.randn(1, 3, 16, 16), torch.tensor([1.0]), torch.tensor([9]))
+    with pytest.raises(ValueError, match=r'labels must be one value or 2 values in \[0, 5\)'):
+        conditional.sample(2, labels=[1, 5], steps=2)
+    with pytest.raises(ValueError, match='built for 3x16x16'):
+        conditional.network(torch.randn(1, 3, 20, 20), torch.tensor([1.0]), torch.tensor([1]))
+    unconditional = tiny_model()
+    with pytest.raises(ValueError, match='guidance needs a class-conditional model'):
+        unconditional.sample(2, guidance=1.0, steps=2)
+    with pytest.raises(ValueError, match='p_uncond > 0'):
+        tiny_model(p_uncond=0.1)
+    with pytest.raises(ValueError, match='needs a checkpoint'):
+        tiny_model(autoencoder=dict(checkpoint=None))
+
+
+def test_latent_model_with_an_autoencoder_from_a_local_file(tmp_path):
+    from sparsevit_mm.models.diffusion import SDAutoencoder
+    config = dict(block_out_channels=(32, 32), down_block_types=('DownEncoderBlock2D', ) * 2,
+                  up_block_types=('UpDecoderBlock2D', ) * 2, norm_num_groups=8, layers_per_block=1)
+    vae = SDAutoencoder(None, config=config, random_init=True)
+    torch.save(vae.model.state_dict(), tmp_path / 'vae.pth')
+    model = UViTDiffusion(network=dict(type='UViT', arch=TINY_UVIT, img_size=8, patch_size=2, in_channels=4,
+                                       num_classes=4),
+                          schedule='discrete', p_uncond=0.1,
+                          autoencoder=dict(checkpoint=str(tmp_path / 'vae.pth'), config=config))
+    assert not any(k.startswith('autoencoder') for k in model.state_dict()), 'the frozen VAE is not saved with us'
+    from mmpretrain.structures import DataSample
+    loss = model.loss(torch.rand(2, 3, 16, 16) * 2 - 1, [DataSample().set_gt_label(1), DataSample().set_gt_label(2)])
+    assert torch.isfinite(loss['loss'])
+    images = model.sample(2, labels=1, guidance=0.4, steps=3)
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    with pytest.raises(FileNotFoundError, match='autoencoder checkpoint'):
+        SDAutoencoder(str(tmp_path / 'missing.pth'), config=config)
+
+
+def test_uvit_backbone_in_mmseg_upernet():
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, DefaultScope
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    from sparsevit_mm.utils.setup_env import load_config
+    cfg = load_config('configs/uvit/upernet_uvit-small-p16_8xb2-160k_ade20k-512x512.py')
+    cfg.model.data_preprocessor.size = (128, 128)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = revert_sync_batchnorm(MODELS.build(cfg.model))
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.init_weights()
+    samples = []
+    for _ in range(2):
+        sample = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 150, (1, 128, 128))))
+        sample.set_metainfo(dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128)))
+        samples.append(sample)
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 128, 128))
+    assert [tuple(f.shape[-2:]) for f in features] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    data = dict(inputs=[torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8) for _ in samples],
+                data_samples=samples)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        log_vars = model.train_step(data, optim_wrapper)
+    assert torch.isfinite(log_vars['decode.loss_ce'])
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp('uvit')
+    data = make_imagenet_folder(root / 'data', num_classes=2, per_class=16, splits=('train', ))
+    config = root / 'uvit.py'
+    config.write_text(uvit_config(data, root / 'work', max_iters=200))
+    run_tool('tools/train.py', config)
+    return root, config
+
+
+def _losses(work_dir):
+    files = sorted(Path(work_dir).glob('*/vis_data/scalars.json'))
+    return [json.loads(line)['loss'] for f in files for line in f.read_text().splitlines() if '"loss"' in line]
+
+
+def test_training_lowers_the_loss_and_resumes(trained):
+    root, config = trained
+    losses = _losses(root / 'work')
+    assert len(losses) >= 10
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    out = run_tool('tools/train.py', config, '--resume', '--cfg-options', 'train_cfg.max_iters=220')
+    assert 'resumed' in (out.stdout + out.stderr).lower()
+    assert torch.load(root / 'work' / 'iter_220.pth', weights_only=False)['meta']['iter'] == 220
+
+
+def test_sample_tool_writes_images_and_a_grid(trained):
+    root, config = trained
+    out_dir = root / 'samples'
+    out = run_tool('tools/sample.py', config, root / 'work' / 'iter_200.pth', '--num', '6', '--out', out_dir,
+                   '--steps', '5', '--batch-size', '4')
+    assert 'EMA weights' in out.stdout
+    pngs = sorted(out_dir.glob('0*.png'))
+    assert len(pngs) == 6 and (out_dir / 'grid.png').is_file()
+    from PIL import Image
+    with Image.open(pngs[0]) as image:
+        assert image.size == (32, 32)
+
+
+def test_fid_tool_on_two_folders(trained, tmp_path):
+    root, _ = trained
+    from torchvision.models import inception_v3
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), tmp_path / 'inc.pth')
+    reference = root / 'data' / 'train' / 'class_0'
+    out = run_tool('tools/analysis/fid.py', reference, root / 'data' / 'train' / 'class_1', '--inception',
+                   tmp_path / 'inc.pth', '--batch-size', '8', '--save-stats', tmp_path / 'stats.npz')
+    fid = float(re.search(r'FID: ([-\d.e+]+)', out.stdout).group(1))
+    assert fid > 0
+    same = run_tool('tools/analysis/fid.py', reference, tmp_path / 'stats.npz', '--inception', tmp_path / 'inc.pth')
+    # (an untrained Inception gives huge features, so "zero" is relative to the FID between the two folders)
+    assert abs(float(re.search(r'FID: ([-\d.e+]+)', same.stdout).group(1))) < 1e-6 * fid
+    with pytest.raises(AssertionError, match='InceptionV3 weights from a local file'):
+        run_tool('tools/analysis/fid.py', reference, reference, '--inception', tmp_path / 'missing.pth')
+
+
+def test_frechet_distance_matches_the_matrix_square_root_formula():
+    import importlib.util
+
+    from scipy import linalg
+    spec = importlib.util.spec_from_file_location('fid_tool', 'tools/analysis/fid.py')
+    fid_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid_tool)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6)) * 1.5 + 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(
+        linalg.sqrtm(s1 @ s2).real)
+    assert fid_tool.frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_training_benchmark_compares_attention_and_checkpointing():
+    out = run_tool('tools/analysis/benchmark.py', 'configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py',
+                   '--batch-size', '2', '--rounds', '1', '--iters', '1', '--warmup', '1')
+    rows = dict(re.findall(r'^\s*([a-z +]+?) \|\s+[\d.]+ \|\s+[\d.]+x \|\s+([\d.]+)$', out.stdout, re.M))
+    assert set(rows) >= {'math attention', 'sdpa', 'sdpa + checkpointing'}
+    assert float(rows['sdpa + checkpointing']) < 0.5 * float(rows['sdpa'])
+
+
+@pytest.mark.parametrize('path', sorted(Path('configs/uvit').glob('uvit-*.py')), ids=lambda p: p.stem)
+def test_diffusion_configs_build(path):
+    from mmengine.registry import MODELS, DefaultScope
+
+    from sparsevit_mm.utils.setup_env import load_config
+    cfg = load_config(str(path))
+    if cfg.model.get('autoencoder'):  # the Stable Diffusion weights are a user's local file; structure only here
+        assert cfg.model.autoencoder.scale_factor == 0.18215
+        cfg.model.autoencoder = dict(checkpoint=None, random_init=True)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(cfg.model)
+    network = model.network
+    assert network.img_size % network.patch_size == 0
+    assert (model.schedule_kind == 'discrete') == ('huge' in path.stem)
+    assert model.p_uncond == (0.0 if network.num_classes in (0, 1000) else (0.1 if 'huge' in path.stem else 0.15))
