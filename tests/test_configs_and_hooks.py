@@ -13,7 +13,7 @@ from .helpers import REPO, TINY_ARCH, make_imagenet_folder, tiny_classifier_conf
 from .reference.official_vit import random_official_state_dict
 
 CLASSIFICATION = sorted(p for p in REPO.glob('configs/*/dynamic*_in1k.py') if p.parent.name != '_base_')
-DENSE = sorted(REPO.glob('configs/*/mask-rcnn_*.py')) + sorted(REPO.glob('configs/*/upernet_*.py'))
+DENSE = sorted(REPO.glob('configs/dynamic_*/mask-rcnn_*.py')) + sorted(REPO.glob('configs/dynamic_*/upernet_*.py'))
 
 
 @pytest.mark.parametrize('path', CLASSIFICATION, ids=lambda p: p.stem)

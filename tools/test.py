@@ -16,7 +16,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.utils.setup_env import (build_runner, common_dataloader_defaults, load_config,  # noqa: E402
-                                          setup_launcher)
+                                          setup_launcher, teardown_distributed)
 
 
 def parse_args(argv=None):
@@ -44,7 +44,10 @@ def main(argv=None):
         cfg.test_evaluator = list(evaluators) + [dict(type='DumpResults', out_file_path=args.out)]
     common_dataloader_defaults(cfg, ('test_dataloader',))
     setup_launcher(cfg, args.launcher)
-    metrics = build_runner(cfg).test()
+    try:
+        metrics = build_runner(cfg).test()
+    finally:
+        teardown_distributed()
     return metrics
 
 

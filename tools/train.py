@@ -15,7 +15,7 @@ from mmengine.config import DictAction  # noqa: E402
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.utils.setup_env import (add_keep_ratio_loss_hook, build_runner,  # noqa: E402
                                           common_dataloader_defaults, enable_amp, load_config, parse_resume,
-                                          setup_launcher)
+                                          setup_launcher, teardown_distributed)
 
 
 def parse_args(argv=None):
@@ -50,7 +50,10 @@ def main(argv=None):
     parse_resume(cfg, args.resume)
     common_dataloader_defaults(cfg)
     setup_launcher(cfg, args.launcher)
-    build_runner(cfg).train()
+    try:
+        build_runner(cfg).train()
+    finally:
+        teardown_distributed()
 
 
 if __name__ == '__main__':

@@ -129,3 +129,12 @@ def add_keep_ratio_loss_hook(cfg: Config) -> bool:
         return False
     cfg.custom_hooks = hooks + [dict(type='KeepRatioLossHook')]
     return True
+
+
+def teardown_distributed():
+    """Leave the process group cleanly: without it, a gloo process can abort at exit ("terminate called without an
+    active exception") while its communication threads are still alive."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
