@@ -89,7 +89,6 @@ work_dir = {str(work_dir)!r}
 
 def save_tiny_teacher(path, num_classes=2, seed=0):
     """A random-init dense tiny classifier checkpoint in our layout (what a converted DeiT would look like)."""
-    from mmpretrain.models import ImageClassifier, VisionTransformerClsHead  # noqa: F401
     from sparsevit_mm.models import DynamicViT
     torch.manual_seed(seed)
     backbone = DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, keep_ratio=1.0, prune_layers=[1, 2, 3])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
+from .helpers import make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
 from .reference.official_vit import random_official_state_dict
 
 

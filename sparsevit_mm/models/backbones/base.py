@@ -7,6 +7,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...layers import SlowFastRouting, num_kept, sample_keep_decision, split_by_score, stage_keep_ratios
 from ...utils.checkpoint import CheckpointMismatchError, load_state_dict_checked, load_state_dict_file
 
 
@@ -51,11 +52,46 @@ class SparseBackbone(BaseModule):
     arch_zoo: Dict[str, dict] = {}
     optional_checkpoint_groups: Tuple[str, ...] = ()
     default_keep_ratio_weight: float = 2.0
+    # how a base keep ratio r becomes per-stage ratios: 'geometric' (r, r^2, r^3: DynamicViT, cumulative) or
+    # 'linear' (r, r - 0.2, r - 0.4: dynamic Swin / ConvNeXt, slow-path fractions)
+    keep_ratio_schedule: str = 'geometric'
+    prune_layers: List[int] = []
     norm_eval: bool = False
     pending_keep_decisions: Optional[List[torch.Tensor]] = None
 
     def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- budget
+    @property
+    def keep_ratio(self):
+        """The budget knob: set it at any time (config, ``--cfg-options``, attribute); 1.0 is the dense network."""
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value):
+        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), self.keep_ratio_schedule)
+        self._keep_ratio = value
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any stage drops tokens (or sends positions to the fast path) at the current keep ratio."""
+        return any(r < 1.0 for r in self.stage_ratios)
+
+    def route(self, stage: int, tokens: torch.Tensor, result: TokenSparsityResult) -> SlowFastRouting:
+        """Slow / fast routing of (B, N, C) map tokens by predictor ``stage`` (each predictor ranks every position).
+
+        Training: a hard Gumbel mask (recorded in ``result.keep_decisions``); inference: the best
+        ``stage_ratios[stage]`` of the positions take the slow path (recorded in ``result.kept_indices``).
+        """
+        log_probs = self.score_predictors[stage](tokens)
+        if self.training:
+            mask = sample_keep_decision(log_probs)
+            result.keep_decisions.append(mask.squeeze(-1))
+            return SlowFastRouting(mask=mask)
+        slow, fast = split_by_score(log_probs[..., 0], num_kept(tokens.shape[1], self.stage_ratios[stage]))
+        result.kept_indices.append(slow)
+        return SlowFastRouting(slow_index=slow, fast_index=fast)
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> tuple with one output per ``out_indices``."""

@@ -18,8 +18,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 
-from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, num_kept, sample_keep_decision,
-                       split_by_score, stage_keep_ratios)
+from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -87,6 +86,7 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         'base': dict(depths=[3, 3, 27, 3], channels=[128, 256, 512, 1024], prune_layers=[3, 6, 9]),
     }
     sparse_stage = 2
+    keep_ratio_schedule = 'linear'
     # Modules a dense ImageNet ConvNeXt checkpoint lacks: predictors, fast paths, and the extra output norms.
     optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path(_gamma)?(\.|$)',
                                   r'^(backbone\.)?norm[0-2]\.')
@@ -134,19 +134,6 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         self.keep_ratio = keep_ratio
         self._freeze_stages()
 
-    @property
-    def keep_ratio(self):
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value):
-        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'linear')
-        self._keep_ratio = value
-
-    @property
-    def prunes(self) -> bool:
-        return any(r < 1.0 for r in self.stage_ratios)
-
     # ------------------------------------------------------------------------------------------------ weights
     def default_init(self):
         saved, self.init_cfg = self.init_cfg, self._default_init_cfg
@@ -188,19 +175,9 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
     def _sparse_stage(self, x: torch.Tensor, result: TokenSparsityResult) -> torch.Tensor:
         prune_at = {layer: s for s, layer in enumerate(self.prune_layers)}
         result.grid = tuple(x.shape[-2:])
-        num_positions = x.shape[-2] * x.shape[-1]
         routing = None
         for j, block in enumerate(self.stages[self.sparse_stage]):
             if j in prune_at:
-                stage = prune_at[j]
-                log_probs = self.score_predictors[stage](x.flatten(2).transpose(1, 2))
-                if self.training:
-                    mask = sample_keep_decision(log_probs)  # each predictor re-ranks every position
-                    result.keep_decisions.append(mask.squeeze(-1))
-                    routing = SlowFastRouting(mask=mask)
-                else:
-                    slow, fast = split_by_score(log_probs[..., 0], num_kept(num_positions, self.stage_ratios[stage]))
-                    result.kept_indices.append(slow)
-                    routing = SlowFastRouting(slow_index=slow, fast_index=fast)
+                routing = self.route(prune_at[j], x.flatten(2).transpose(1, 2), result)
             x = block(x, routing) if routing is not None else block(x)
         return x

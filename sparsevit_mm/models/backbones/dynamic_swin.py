@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
 
-from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, num_kept, sample_keep_decision,
-                       split_by_score, stage_keep_ratios)
+from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -92,6 +91,7 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         'base': dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], prune_layers=[2, 4, 6]),
     }
     sparse_stage = 2
+    keep_ratio_schedule = 'linear'
     # Modules a dense Swin checkpoint lacks: predictors, fast paths, the extra output norms, position indices.
     optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path\.', r'^(backbone\.)?norm[0-2]\.',
                                   r'relative_position_index$')
@@ -145,19 +145,6 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         self.score_predictors = nn.ModuleList(TokenScorePredictor(channels) for _ in self.prune_layers)
         self.keep_ratio = keep_ratio
 
-    @property
-    def keep_ratio(self):
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value):
-        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'linear')
-        self._keep_ratio = value
-
-    @property
-    def prunes(self) -> bool:
-        return any(r < 1.0 for r in self.stage_ratios)
-
     # ------------------------------------------------------------------------------------------------ weights
     def default_init(self):
         saved, self.init_cfg = self.init_cfg, None
@@ -208,15 +195,6 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         routing = None
         for j, block in enumerate(blocks):
             if j in prune_at:
-                stage = prune_at[j]
-                log_probs = self.score_predictors[stage](x)
-                if self.training:
-                    mask = sample_keep_decision(log_probs)  # each predictor re-ranks every position
-                    result.keep_decisions.append(mask.squeeze(-1))
-                    routing = SlowFastRouting(mask=mask)
-                else:
-                    slow, fast = split_by_score(log_probs[..., 0], num_kept(x.shape[1], self.stage_ratios[stage]))
-                    result.kept_indices.append(slow)
-                    routing = SlowFastRouting(slow_index=slow, fast_index=fast)
+                routing = self.route(prune_at[j], x, result)
             x = block(x, hw_shape, routing, shift)
         return x

@@ -12,7 +12,7 @@ patch tokens (the cls token is always kept).
 ``keep_ratio`` is a plain attribute: changing it (config, ``--cfg-options``, or at run time) changes the budget
 without retraining, and ``keep_ratio=1.0`` is exactly the dense DeiT / LV-ViT.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from mmengine.model.weight_init import trunc_normal_
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 
 from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter, check_prune_layers,
-                       num_kept, sample_keep_decision, stage_keep_ratios, topk_indices)
+                       num_kept, sample_keep_decision, topk_indices)
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -164,20 +164,6 @@ class DynamicViT(SparseBackbone):
         self._freeze_stages()
 
     # ----------------------------------------------------------------------------------------------- budget
-    @property
-    def keep_ratio(self):
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value):
-        self.stage_ratios = stage_keep_ratios(value, len(self.prune_layers), 'geometric')
-        self._keep_ratio = value
-
-    @property
-    def prunes(self) -> bool:
-        """Whether any stage drops tokens at the current keep ratio."""
-        return any(r < 1.0 for r in self.stage_ratios)
-
     # ----------------------------------------------------------------------------------------------- weights
     def default_init(self):
         """timm's ViT init: truncated normal 0.02 for linear weights and embeddings, zero biases."""

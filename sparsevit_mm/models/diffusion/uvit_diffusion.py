@@ -1,5 +1,5 @@
 """U-ViT diffusion models for mmengine: noise-prediction training, classifier-free guidance, DPM-Solver sampling."""
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
