@@ -7,10 +7,6 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: long-running; excluded from the default run (-m "not slow")')
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
