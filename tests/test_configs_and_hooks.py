@@ -29,6 +29,9 @@ def test_classification_config_builds_the_model_it_names(path):
         [ratio, ratio - 0.2, ratio - 0.4]
     assert backbone.stage_ratios == pytest.approx(step)
     assert model.teacher is not None and model.teacher.checkpoint == cfg.pretrained
+    teacher = model.teacher.model  # the dense model of the student's own arch
+    assert type(teacher.backbone) is type(backbone) and teacher.backbone.keep_ratio == 1.0
+    assert teacher.backbone.arch_settings == backbone.arch_settings
     assert copy.deepcopy(model).teacher is model.teacher, 'EMA copies share the frozen teacher'
 
 

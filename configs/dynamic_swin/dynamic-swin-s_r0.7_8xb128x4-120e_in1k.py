@@ -2,17 +2,10 @@ _base_ = ['../_base_/dynamic-hierarchical_8xb128x4-120e_in1k.py']
 
 # Official Swin-S weights. Model zoo: 83.21 top-1, 6.9 GFLOPs.
 pretrained = 'pretrained/swin_small_patch4_window7_224.pth'
-backbone = dict(type='DynamicSwinTransformer', arch='small', out_indices=(3, ), pad_small_map=False)
 model = dict(
-    backbone=dict(backbone, keep_ratio=0.7, drop_path_rate=0.2),
+    backbone=dict(type='DynamicSwinTransformer', arch='small', out_indices=(3, ), pad_small_map=False, keep_ratio=0.7, drop_path_rate=0.2),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(in_channels=768),
-    teacher=dict(
-        model=dict(
-            type='ImageClassifier',
-            backbone=dict(backbone, keep_ratio=1.0),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=1000, in_channels=768)),
-        checkpoint=pretrained),
+    teacher=dict(checkpoint=pretrained),  # the dense model of the same arch, frozen
     init_cfg=dict(type='Pretrained', checkpoint=pretrained),
 )

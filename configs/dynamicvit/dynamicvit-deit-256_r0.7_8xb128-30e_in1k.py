@@ -5,11 +5,6 @@ pretrained = 'pretrained/deit_256.pth'
 model = dict(
     backbone=dict(arch='deit-256', keep_ratio=0.7),
     head=dict(in_channels=256),
-    teacher=dict(
-        model=dict(
-            type='ImageClassifier',
-            backbone=dict(type='DynamicViT', arch='deit-256', keep_ratio=1.0),
-            head=dict(type='VisionTransformerClsHead', num_classes=1000, in_channels=256)),
-        checkpoint=pretrained),
+    teacher=dict(checkpoint=pretrained),  # the dense model of the same arch, frozen
     init_cfg=dict(type='Pretrained', checkpoint=pretrained),
 )

@@ -5,12 +5,7 @@ pretrained = 'pretrained/deit_base_patch16_224-b5f2ef4d.pth'
 model = dict(
     backbone=dict(arch='deit-base', keep_ratio=0.7, drop_path_rate=0.2),
     head=dict(in_channels=768),
-    teacher=dict(
-        model=dict(
-            type='ImageClassifier',
-            backbone=dict(type='DynamicViT', arch='deit-base', keep_ratio=1.0),
-            head=dict(type='VisionTransformerClsHead', num_classes=1000, in_channels=768)),
-        checkpoint=pretrained),
+    teacher=dict(checkpoint=pretrained),  # the dense model of the same arch, frozen
     init_cfg=dict(type='Pretrained', checkpoint=pretrained),
     keep_ratio_weight=5.0,
 )

@@ -9,11 +9,6 @@ model = dict(
     head=dict(_delete_=True, type='TokenLabelingClsHead', num_classes=1000, in_channels=384,
               loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original')),
     token_distill='kl',
-    teacher=dict(
-        model=dict(
-            type='ImageClassifier',
-            backbone=dict(type='DynamicViT', arch='lvvit-s', keep_ratio=1.0, out_type='raw'),
-            head=dict(type='TokenLabelingClsHead', num_classes=1000, in_channels=384)),
-        checkpoint=pretrained),
+    teacher=dict(checkpoint=pretrained),  # the dense model of the same arch, frozen
     init_cfg=dict(type='Pretrained', checkpoint=pretrained),
 )

@@ -25,8 +25,9 @@ class DynamicViTClassifier(ImageClassifier):
     Args:
         backbone / neck / head / train_cfg / data_preprocessor / init_cfg: as :class:`ImageClassifier`; the
             backbone must be a token-sparse backbone such as ``DynamicViT``.
-        teacher: ``dict(config=..., checkpoint=...)`` or ``dict(model=..., checkpoint=...)``
-            (see :class:`FrozenTeacher`); None trains without distillation.
+        teacher: ``dict(checkpoint=...)``: the dense version of the student (same backbone at keep_ratio 1.0, same
+            neck and head), as the official recipes; or any model: ``dict(config=..., checkpoint=...)`` /
+            ``dict(model=..., checkpoint=...)`` (see :class:`FrozenTeacher`); None trains without distillation.
         keep_ratio_weight / distill_logits_weight / distill_tokens_weight: loss weights (paper: 2.0, 0.5, 0.5).
         token_distill: ``'mse'`` (DeiT: final token features) or ``'kl'`` (LV-ViT: per-token logits).
     """
@@ -36,6 +37,11 @@ class DynamicViTClassifier(ImageClassifier):
                  distill_logits_weight: float = 0.5, distill_tokens_weight: float = 0.5,
                  token_distill: str = 'mse', pretrained: Optional[str] = None, train_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None, init_cfg: Optional[dict] = None):
+        if isinstance(teacher, dict) and 'config' not in teacher and 'model' not in teacher:
+            # The official recipe: the teacher is the dense version of the student's own architecture.
+            teacher = dict(teacher, model=dict(type='ImageClassifier', backbone=dict(backbone, keep_ratio=1.0,
+                                                                                      init_cfg=None),
+                                               neck=neck, head=head))
         super().__init__(backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg)
         if not hasattr(self.backbone, 'forward_sparse'):
             raise TypeError(f'DynamicViTClassifier needs a token-sparse backbone (with forward_sparse), got '
