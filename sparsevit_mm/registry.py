@@ -12,22 +12,22 @@ from .evaluation import EarlyExitMetric
 from .models import (DVT, DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
                      TokenLabelingClsHead, UViT, UViTBackbone, UViTDiffusion)
 
-BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
+SPARSE_BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
 HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
 
 # framework -> registry name -> classes
 REGISTRATIONS = {
     'mmpretrain': {
-        'MODELS': [*BACKBONES, DynamicViTClassifier, TokenLabelingClsHead, DVT, DVTExit, UViT, UViTDiffusion],
+        'MODELS': [*SPARSE_BACKBONES, DynamicViTClassifier, TokenLabelingClsHead, DVT, DVTExit, UViT, UViTDiffusion],
         'HOOKS': HOOKS,
         'METRICS': [EarlyExitMetric],
     },
     'mmdet': {
-        'MODELS': BACKBONES,
+        'MODELS': SPARSE_BACKBONES,
         'HOOKS': HOOKS,
     },
     'mmseg': {
-        'MODELS': [*BACKBONES, UViTBackbone],
+        'MODELS': [*SPARSE_BACKBONES, UViTBackbone],
         'HOOKS': HOOKS,
     },
 }

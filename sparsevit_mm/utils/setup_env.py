@@ -116,11 +116,11 @@ def add_keep_ratio_loss_hook(cfg: Config) -> bool:
     This is what makes an upstream mmdet / mmseg / mmpretrain config work with only the backbone swapped (our
     ``DynamicViTClassifier`` computes the loss itself). Returns whether the hook was added.
     """
-    from ..registry import BACKBONES
+    from ..registry import SPARSE_BACKBONES
     model = cfg.get('model') or {}
     backbone = model.get('backbone') or {}
     backbone_type = str(backbone.get('type', '')).split('.')[-1]
-    if backbone_type not in {cls.__name__ for cls in BACKBONES}:
+    if backbone_type not in {cls.__name__ for cls in SPARSE_BACKBONES}:
         return False
     if str(model.get('type', '')).split('.')[-1] == 'DynamicViTClassifier':
         return False

@@ -2,10 +2,9 @@
 from typing import List, Optional, Union
 
 import torch
+from mmengine.logging import print_log
 from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.structures import DataSample
-
-from mmengine.logging import print_log
 
 from ...converters import adapt_state_dict
 from ...layers import keep_ratio_terms
