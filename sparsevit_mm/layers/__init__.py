@@ -1,5 +1,6 @@
 """Shared token-sparsity building blocks: scoring, top-k selection, gather / scatter, keep-policy attention."""
 from .attention import KeepPolicyAttention, softmax_with_keep_policy
+from .init import init_vit_weights
 from .predictor import TokenScorePredictor
 from .routing import SlowFastRouting
 from .token_ops import (batch_gather, batch_scatter, check_keep_ratios, check_prune_layers, keep_ratio_loss,
@@ -7,7 +8,7 @@ from .token_ops import (batch_gather, batch_scatter, check_keep_ratios, check_pr
                         num_kept, sample_keep_decision, split_by_score, stage_keep_ratios, topk_indices)
 
 __all__ = [
-    'KeepPolicyAttention', 'softmax_with_keep_policy', 'TokenScorePredictor', 'SlowFastRouting', 'batch_gather', 'batch_scatter',
+    'init_vit_weights', 'KeepPolicyAttention', 'softmax_with_keep_policy', 'TokenScorePredictor', 'SlowFastRouting', 'batch_gather', 'batch_scatter',
     'check_keep_ratios', 'check_prune_layers', 'keep_ratio_loss', 'keep_ratio_terms', 'num_kept', 'sample_keep_decision',
     'split_by_score', 'stage_keep_ratios', 'topk_indices'
 ]

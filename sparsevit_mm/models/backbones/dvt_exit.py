@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
 from timm.layers import DropPath, Mlp
+
+from ...layers import init_vit_weights
 
 # first soft split (kernel, stride, padding) of the T2T tokenizer, and the patch embedding (kernel = stride,
 # padding) of the DeiT tokenizer, per token grid at 224 px
@@ -241,18 +242,9 @@ class DVTExit(BaseModule):
 
     def init_weights(self):
         super().init_weights()
-        if self.init_cfg is None:
-            if self.tokenizer_type == 'patch':
-                trunc_normal_(self.pos_embed, std=0.02)
-            trunc_normal_(self.cls_token, std=0.02)
-            for name, module in self.named_modules():
-                if isinstance(module, nn.Linear):
-                    trunc_normal_(module.weight, std=0.02)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.LayerNorm):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
+        if self.init_cfg is None:  # T2T's sinusoidal position table stays as it is
+            embeddings = (self.pos_embed, self.cls_token) if self.tokenizer_type == 'patch' else (self.cls_token, )
+            init_vit_weights(self, *embeddings)
 
     def reused_relations(self, previous: List[torch.Tensor]) -> List[torch.Tensor]:
         """Previous exit's L logit maps (B, H, 1 + n, 1 + n) -> L bias maps (B, H, 1 + N, 1 + N) for this exit."""

@@ -17,11 +17,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmengine.model.weight_init import trunc_normal_
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
 
 from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter, check_prune_layers,
-                       num_kept, sample_keep_decision, topk_indices)
+                       init_vit_weights, num_kept, sample_keep_decision, topk_indices)
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -163,20 +162,9 @@ class DynamicViT(SparseBackbone):
         self.with_cp = with_cp
         self._freeze_stages()
 
-    # ----------------------------------------------------------------------------------------------- budget
     # ----------------------------------------------------------------------------------------------- weights
     def default_init(self):
-        """timm's ViT init: truncated normal 0.02 for linear weights and embeddings, zero biases."""
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_vit_weights(self, self.pos_embed, self.cls_token)
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         from ...converters.dynamicvit import to_backbone_state_dict

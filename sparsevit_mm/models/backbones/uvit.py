@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
 from timm.layers import Mlp
+
+from ...layers import init_vit_weights
 
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
 
@@ -157,15 +158,7 @@ class UViT(BaseModule):
     def init_weights(self):
         super().init_weights()
         if self.init_cfg is None:
-            trunc_normal_(self.pos_embed, std=0.02)
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    trunc_normal_(module.weight, std=0.02)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.LayerNorm):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
+            init_vit_weights(self, self.pos_embed)
 
     def check_inputs(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
         if x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):

@@ -7,7 +7,24 @@ and its inverse, and ``network_time(t)``, the timestep value the network was tra
 import torch
 
 
-class VPSchedule:
+class NoiseSchedule:
+    """What every schedule derives from ``log_alpha(t)``: alpha_bar, sigma and the half log-SNR lambda."""
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(2 * self.log_alpha(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
+
+    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
+
+
+class VPSchedule(NoiseSchedule):
     """Continuous variance-preserving SDE with linear beta(t) = beta_0 + t (beta_1 - beta_0), t in [0, 1].
 
     alpha_bar(t) = exp(-(beta_0 t + (beta_1 - beta_0) t^2 / 2)); the network sees 999 t. Training draws t ~ U(0, 1).
@@ -19,16 +36,6 @@ class VPSchedule:
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
-
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.exp(2 * self.log_alpha(t))
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
-
-    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
-        log_alpha = self.log_alpha(t)
-        return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
 
     def inverse_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         tmp = 2 * (self.beta_1 - self.beta_0) * torch.logaddexp(-2 * lam, torch.zeros_like(lam))
@@ -46,7 +53,7 @@ class VPSchedule:
         return 1.0, 1e-4
 
 
-class DiscreteSchedule:
+class DiscreteSchedule(NoiseSchedule):
     """Stable Diffusion's scaled-linear schedule: beta_n = linspace(sqrt(0.00085), sqrt(0.012), N)^2, N = 1000.
 
     Step n in {1..N} has alpha_bar_n = prod_{i<=n} (1 - beta_i) and is time t = n / N; the network sees n. For the
@@ -71,16 +78,6 @@ class DiscreteSchedule:
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self._interp(t, self.t_array, self.log_alpha_array)
-
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.exp(2 * self.log_alpha(t))
-
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
-
-    def lambda_(self, t: torch.Tensor) -> torch.Tensor:
-        log_alpha = self.log_alpha(t)
-        return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
 
     def inverse_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)
