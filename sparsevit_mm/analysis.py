@@ -5,9 +5,11 @@ traced on the inference path, i.e. with the tokens really gathered. mmengine's c
 ``scaled_dot_product_attention``; we add one so the attention matmuls (what token pruning saves quadratically) are
 counted, exactly as the explicit ``q @ k`` / ``attn @ v`` matmuls would be.
 """
+import ctypes
+import ctypes.util
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,3 +98,37 @@ def _timed_rounds(candidates, inputs, rounds, iters, warmup, results, bar):
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def round_speedups(results: Dict[str, List[float]], baseline: str) -> Dict[str, List[float]]:
+    """Per-round speed-up of every candidate over ``baseline`` (both timed in the same round, so a slow spell of a
+    shared machine cancels out) -> name -> one ratio per round."""
+    return {name: [ours / base for ours, base in zip(values, results[baseline])] for name, values in results.items()}
+
+
+def quartiles(values: Sequence[float]) -> Tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile) of ``values``."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, mid, high = statistics.quantiles(values, n=4, method='inclusive')
+    return low, mid, high
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of handing it back to the system.
+
+    By default glibc serves every block above 32 MiB (most activations of a batch-32 forward pass, or of one
+    800x1333 image) with a fresh ``mmap`` and unmaps it on free, so each forward pass page-faults its activations
+    in again: kernel time that costs dense and dynamic models alike (a third of a ConvNeXt-T pass on the 2-core CI
+    machine) and buries the difference between them. PyTorch's CPU performance guide recommends jemalloc or tcmalloc
+    for the same reason; this does it with the allocator already loaded. Returns False where it does not apply
+    (no glibc).
+    """
+    name = ctypes.util.find_library('c')
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))

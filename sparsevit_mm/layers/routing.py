@@ -4,7 +4,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .token_ops import batch_gather, batch_scatter
+from .token_ops import flat_rows
 
 TokenFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -14,20 +14,31 @@ class SlowFastRouting:
     """Which positions of a (B, N, C) token map take the expensive slow path; the rest take the cheap fast path.
 
     Training: ``mask`` (B, N, 1), a differentiable 0/1 Gumbel sample; both paths run everywhere and are mixed by
-    the mask so gradients reach the predictor. Inference: ``slow_index`` (B, K) and ``fast_index`` (B, N - K);
-    each path runs only on its own positions, and the results are scattered back into a full map.
+    the mask so gradients reach the predictor. Inference: ``slow_rows`` (B * K, ) and ``fast_rows``
+    (B * (N - K), ), the positions as rows of the (B * N, C) matrix (see :func:`flat_rows`); each path runs only on
+    its own rows, and the results are written back into a full map.
     """
     mask: Optional[torch.Tensor] = None
-    slow_index: Optional[torch.Tensor] = None
-    fast_index: Optional[torch.Tensor] = None
+    slow_rows: Optional[torch.Tensor] = None
+    fast_rows: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_indices(cls, slow_index: torch.Tensor, fast_index: torch.Tensor, num_tokens: int) -> 'SlowFastRouting':
+        """Inference routing from per-sample position indices (B, K) and (B, N - K)."""
+        # Ascending rows: both paths then read and write memory front to back.
+        return cls(slow_rows=flat_rows(slow_index, num_tokens).sort().values,
+                   fast_rows=flat_rows(fast_index, num_tokens).sort().values)
 
     def apply(self, tokens: torch.Tensor, slow_fn: TokenFn, fast_fn: TokenFn) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C'): ``slow_fn`` / ``fast_fn`` map (B, K, C) to (B, K, C') token-wise."""
+        """(B, N, C) -> (B, N, C'): ``slow_fn`` / ``fast_fn`` map (M, C) to (M, C') row-wise."""
         if self.mask is not None:
             mask = self.mask.to(tokens.dtype)
             return mask * slow_fn(tokens) + (1.0 - mask) * fast_fn(tokens)
-        slow = slow_fn(batch_gather(tokens, self.slow_index))
-        fast = fast_fn(batch_gather(tokens, self.fast_index))
-        out = slow.new_empty(tokens.shape[0], tokens.shape[1], slow.shape[-1])
-        out = batch_scatter(out, self.slow_index, slow)
-        return batch_scatter(out, self.fast_index, fast.to(slow.dtype))
+        batch, num_tokens, channels = tokens.shape
+        flat = tokens.reshape(batch * num_tokens, channels)
+        slow = slow_fn(flat.index_select(0, self.slow_rows))
+        fast = fast_fn(flat.index_select(0, self.fast_rows))
+        out = slow.new_empty(batch * num_tokens, slow.shape[-1])
+        out.index_copy_(0, self.slow_rows, slow)
+        out.index_copy_(0, self.fast_rows, fast.to(slow.dtype))
+        return out.view(batch, num_tokens, -1)

@@ -9,14 +9,27 @@ import torch
 import torch.nn.functional as F
 
 
+def flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per-sample indices (B, K) -> (B * K, ) row numbers of the same tokens in the (B * N, C) matrix that a
+    contiguous (B, N, C) tensor is. Rows are copied as whole blocks of C values (``index_select`` /
+    ``index_copy_``), several times faster on CPU than an element-wise ``gather`` with an expanded index."""
+    offsets = torch.arange(0, index.shape[0] * num_tokens, num_tokens, device=index.device)
+    return (index + offsets.unsqueeze(1)).flatten()
+
+
 def batch_gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Select ``index`` (B, K) from ``tokens`` (B, N, C) per sample -> (B, K, C)."""
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    batch, num_tokens, channels = tokens.shape
+    rows = flat_rows(index, num_tokens)
+    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
 
 
 def batch_scatter(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Out-of-place write of ``values`` (B, K, C) into ``tokens`` (B, N, C) at ``index`` (B, K) -> (B, N, C)."""
-    return tokens.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), values)
+    batch, num_tokens, channels = tokens.shape
+    rows = flat_rows(index, num_tokens)
+    flat = tokens.reshape(batch * num_tokens, channels)
+    return flat.index_copy(0, rows, values.reshape(-1, channels).to(tokens.dtype)).view(batch, num_tokens, channels)
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,9 +10,12 @@
         # U-ViT: training steps with math / SDPA attention, with and without gradient checkpointing
 
 Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense model); they are timed in interleaved
-rounds so that load on a shared machine affects both alike, and the median of the rounds is reported with the
-speed-up over the first keep ratio, the speed-up the FLOPs reduction alone would give, and the share of that
-gain realised (``(measured - 1) / (FLOPs speed-up - 1)``).
+rounds so that load on a shared machine affects both alike. Reported: images/s (median of rounds), the speed-up over
+the first keep ratio (median of the per-round ratios, with their quartiles), the speed-up the FLOPs reduction alone
+would give, and the share of that gain realised (``(measured - 1) / (FLOPs speed-up - 1)``).
+
+On CPU, freed memory stays in the process (``keep_freed_cpu_memory``; ``--system-allocator`` turns that off): glibc
+otherwise page-faults every large activation in again on each pass, kernel time that hides the models' difference.
 """
 import argparse
 import os
@@ -23,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from sparsevit_mm.analysis import count_flops, median, side_by_side_throughput  # noqa: E402
+from sparsevit_mm.analysis import (count_flops, keep_freed_cpu_memory, median, quartiles, round_speedups,  # noqa: E402
+                                   side_by_side_throughput)
 from sparsevit_mm.apis import init_model  # noqa: E402
 
 
@@ -42,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--system-allocator', action='store_true',
+                        help='CPU: leave glibc malloc as it is (freed activations go back to the system)')
     parser.add_argument('--budget-q', type=float, nargs='+', default=[0.5, 1.5],
                         help='DVT: budgets as q of the exit law (fractions ~ q, q^2, q^3)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -80,9 +86,8 @@ def benchmark_early_exit(model, args):
     candidates = {name: prepare(t) for name, t in settings.items()}
     candidates['dense 14x14 model'] = lambda: (lambda x: dense_head(dense.forward_exit(x).features))
     results = side_by_side_throughput(candidates, images, args.rounds, args.iters, args.warmup)
-    base = median(results['full cascade'])
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
-        f'CPU, {torch.get_num_threads()} threads'
+    speedups = round_speedups(results, 'full cascade')
+    device = describe_device(args)
     print(f'DVT {model.arch_name}, batch {args.batch_size}, 224x224, {device}, {args.rounds} interleaved rounds of '
           f'{args.iters} batches; exit costs {", ".join(f"{c:.2f}" for c in costs)} GFLOPs (cumulative)')
     print(f'{"setting":>22} | {"exit fractions":>16} | {"GFLOPs":>7} | {"images/s":>9} | {"vs cascade":>10}')
@@ -101,7 +106,7 @@ def benchmark_early_exit(model, args):
             gflops = count_flops(lambda x: dense_head(dense.forward_exit(x).features), images[:1],
                                  module=torch.nn.ModuleList([dense, dense_head])) / 1e9
         table[name] = dict(images_per_s=value, gflops=gflops, fractions=fractions)
-        print(f'{name:>22} | {shown:>16} | {gflops:>7.2f} | {value:>9.1f} | {value / base:>9.2f}x')
+        print(f'{name:>22} | {shown:>16} | {gflops:>7.2f} | {value:>9.1f} | {median(speedups[name]):>9.2f}x')
     return table
 
 
@@ -172,9 +177,8 @@ def benchmark_diffusion_training(model, args):
         prepare(*cfg)()
         step(None)
         memory[name] = step_memory_mib(step, args.device)
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
-        f'CPU, {torch.get_num_threads()} threads'
-    base = median(results['math attention'])
+    device = describe_device(args)
+    speedups = round_speedups(results, 'math attention')
     print(f'U-ViT training step, batch {args.batch_size}, input {tuple(shape[1:])}, {device}'
           f'{", fp16" if args.fp16 else ""}, {args.rounds} interleaved rounds of {args.iters} steps')
     what = 'peak memory (MiB)' if args.device.startswith('cuda') else 'saved activations (MiB)'
@@ -183,14 +187,23 @@ def benchmark_diffusion_training(model, args):
     for name in settings:
         per_second = median(results[name]) / args.batch_size
         table[name] = dict(steps_per_s=per_second, peak_mib=memory[name])
-        print(f'{name:>22} | {per_second:>8.3f} | {median(results[name]) / base:>6.2f}x | {memory[name]:>23.1f}')
+        print(f'{name:>22} | {per_second:>8.3f} | {median(speedups[name]):>6.2f}x | {memory[name]:>23.1f}')
     return table
+
+
+def describe_device(args) -> str:
+    if args.device.startswith('cuda'):
+        return torch.cuda.get_device_name()
+    allocator = 'system allocator' if args.system_allocator else 'freed memory kept'
+    return f'CPU, {torch.get_num_threads()} threads, {allocator}'
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.device.startswith('cuda') and not args.system_allocator:
+        args.system_allocator = not keep_freed_cpu_memory()
     height, width = (args.shape * 2)[:2]
     model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
     if hasattr(model, 'early_exit'):
@@ -216,22 +229,22 @@ def main(argv=None):
         backbone.keep_ratio = ratio
         flops[ratio] = count_flops(forward, images[:1], module=model)
     results = side_by_side_throughput({r: setting(r) for r in ratios}, images, args.rounds, args.iters, args.warmup)
-    base = median(results[ratios[0]])
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
-        f'CPU, {torch.get_num_threads()} threads'
+    speedups = round_speedups(results, ratios[0])
     what = 'model' if whole else 'backbone'
-    print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {device}, '
+    print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {describe_device(args)}, '
           f'{args.rounds} interleaved rounds of {args.iters} batches')
-    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"FLOPs speed-up":>14} | '
-          f'{"gain realised":>13}')
+    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
+          f'{"FLOPs speed-up":>14} | {"gain realised":>13}')
     table = {}
     for ratio in ratios:
         value = median(results[ratio])
-        measured, allowed = value / base, flops[ratios[0]] / flops[ratio]
+        low, measured, high = quartiles(speedups[ratio])
+        allowed = flops[ratios[0]] / flops[ratio]
         realised = f'{(measured - 1) / (allowed - 1):.0%}' if allowed > 1.0001 else '-'
-        table[ratio] = dict(images_per_s=value, speedup=measured, flops_speedup=allowed, gflops=flops[ratio] / 1e9)
-        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.1f} | {measured:>7.2f}x | {allowed:>13.2f}x | '
-              f'{realised:>13}')
+        table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
+                            flops_speedup=allowed, gflops=flops[ratio] / 1e9)
+        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.1f} | {measured:>7.2f}x | '
+              f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>13}')
     return table
 
 

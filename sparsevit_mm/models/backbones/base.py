@@ -91,7 +91,7 @@ class SparseBackbone(BaseModule):
             return SlowFastRouting(mask=mask)
         slow, fast = split_by_score(log_probs[..., 0], num_kept(tokens.shape[1], self.stage_ratios[stage]))
         result.kept_indices.append(slow)
-        return SlowFastRouting(slow_index=slow, fast_index=fast)
+        return SlowFastRouting.from_indices(slow, fast, tokens.shape[1])
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> tuple with one output per ``out_indices``."""

@@ -9,34 +9,24 @@ LayerNorm + Linear (fast path). Shifted-window attention always runs over the wh
 padding and every stage's full feature map (for FPN / UperNet) stay intact. Built on mmdet's ``SwinTransformer``
 (same module names: mmdet / mmseg / mmpretrain Swin checkpoints load as they are); ``keep_ratio=1.0`` is exactly it.
 """
-from contextlib import contextmanager, nullcontext
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
 
-from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers
+from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, flat_rows
 from .base import SparseBackbone, TokenSparsityResult
-
-
-@contextmanager
-def _unshifted(attn):
-    """Run a shifted-window attention without its shift (the official Swin on maps no larger than a window)."""
-    saved, attn.shift_size = attn.shift_size, 0
-    try:
-        yield
-    finally:
-        attn.shift_size = saved
 
 
 class DynamicSwinBlock(SwinBlock):
     """mmdet's Swin block, optionally with a fast path next to its MLP. (B, N, C) tokens of an (H, W) map.
 
     Attention runs over every position; then the slow path is the block's ``norm2 -> ffn`` and the fast path
-    ``fast_path`` (LayerNorm + Linear, no layer scale, as the official DynamicSwin). Without routing, and with
-    ``shift=True``, it is exactly mmdet's ``SwinBlock``.
+    ``fast_path`` (LayerNorm + Linear, no layer scale, as the official DynamicSwin). Without routing it computes
+    exactly what mmdet's ``SwinBlock`` computes, with the same parameters (see :meth:`window_attention`).
     """
 
     def __init__(self, embed_dims: int, *args, with_fast_path: bool = False, **kwargs):
@@ -50,19 +40,78 @@ class DynamicSwinBlock(SwinBlock):
     def fast(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens + self.ffn.dropout_layer(self.fast_path(tokens))
 
+    def window_attention(self, x: torch.Tensor, hw_shape, shift: bool = True) -> torch.Tensor:
+        """(Shifted-)window attention of (B, N, C) normed tokens -> (B, N, C), before the residual.
+
+        The maths of mmdet's ``ShiftWindowMSA`` (pad to window multiples, cyclic shift, relative position bias,
+        -100 between regions the shift made adjacent), arranged for speed: one ``index_select`` takes the map
+        into window order (padding, shift and partition at once) and one takes it back, and the relative position
+        bias and shift mask form the ``attn_mask`` of ``scaled_dot_product_attention``. ``shift=False`` skips the
+        shift (the official Swin on maps no larger than a window).
+        """
+        msa, window = self.attn.w_msa, self.attn.window_size
+        shift_size = self.attn.shift_size if shift else 0
+        batch, _, channels = x.shape
+        height, width = hw_shape
+        padded_h, padded_w = -(-height // window) * window, -(-width // window) * window
+        if (padded_h, padded_w) != (height, width):
+            x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, padded_w - width, 0, padded_h - height))
+        order = window_order(padded_h, padded_w, window, shift_size, x.device)
+        rows = flat_rows(order.expand(batch, -1), order.numel())
+        windows = x.reshape(-1, channels).index_select(0, rows).view(-1, window * window, channels)
+
+        num_heads, area = msa.num_heads, window * window
+        qkv = msa.qkv(windows).view(windows.shape[0], area, 3, num_heads, channels // num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, heads, area, head_dims)
+        bias = msa.relative_position_bias_table[msa.relative_position_index.view(-1)]
+        mask = bias.view(area, area, num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, area, area)
+        if shift_size:
+            mask = mask + shift_mask(padded_h, padded_w, window, shift_size, x.device).unsqueeze(1)
+            mask = mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(-1, num_heads, area, area)
+        else:
+            mask = mask.expand(windows.shape[0], -1, -1, -1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype),
+                                             dropout_p=msa.attn_drop.p if self.training else 0.0, scale=msa.scale)
+        out = msa.proj_drop(msa.proj(out.transpose(1, 2).reshape(-1, channels)))
+
+        back = flat_rows(order.argsort().expand(batch, -1), order.numel())
+        out = out.index_select(0, back).view(batch, padded_h, padded_w, channels)
+        if (padded_h, padded_w) != (height, width):
+            out = out[:, :height, :width]
+        return self.attn.drop(out.reshape(batch, height * width, channels))
+
     def forward(self, x: torch.Tensor, hw_shape, routing: Optional[SlowFastRouting] = None,
                 shift: bool = True) -> torch.Tensor:
-        if routing is None and shift:
-            return super().forward(x, hw_shape)
 
         def inner(x):
-            with nullcontext() if shift else _unshifted(self.attn):
-                x = x + self.attn(self.norm1(x), hw_shape)
+            x = x + self.window_attention(self.norm1(x), hw_shape, shift)
             return self.slow(x) if routing is None else routing.apply(x, self.slow, self.fast)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)
         return inner(x)
+
+
+def window_order(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
+    """Positions of an (H, W) map in window order: the windows of the map cyclically shifted by ``-shift``, each
+    window's positions row by row -> (H * W, ) indices into the row-major map."""
+    grid = torch.arange(height * width, device=device).view(height, width)
+    if shift:
+        grid = grid.roll((-shift, -shift), (0, 1))
+    return grid.view(height // window, window, width // window, window).transpose(1, 2).flatten()
+
+
+def shift_mask(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
+    """(nW, area, area) additive mask of shifted windows: -100 between positions that came from different regions
+    of the unshifted map (Swin's convention), 0 elsewhere."""
+    region = torch.zeros(height, width, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, rows in enumerate(bounds):
+        for j, cols in enumerate(bounds):
+            region[rows, cols] = 3 * i + j
+    region = region.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1, window * window)
+    different = region.unsqueeze(1) != region.unsqueeze(2)
+    return different.float() * -100.0
 
 
 class DynamicSwinTransformer(SparseBackbone, SwinTransformer):

@@ -259,7 +259,8 @@ class DynamicViT(SparseBackbone):
                         dropped = self.fill_back(dropped, kept, x[:, 1:], num_patches)
                     scores = predictor(x[:, 1:])[..., 0]
                     keep = topk_indices(scores, num_kept(num_patches, self.stage_ratios[stage]))
-                    x = torch.cat([x[:, :1], batch_gather(x[:, 1:], keep)], dim=1)
+                    # the cls token (row 0) and the kept patch tokens, in one gather
+                    x = batch_gather(x, torch.cat([keep.new_zeros(batch, 1), keep + 1], dim=1))
                     kept = kept.gather(1, keep)
                     result.kept_indices.append(kept)
             x = self._run_block(i, x, policy)
