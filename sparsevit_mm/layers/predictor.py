@@ -40,5 +40,8 @@ class TokenScorePredictor(nn.Module):
         else:
             # The clamp only matters if every token of a sample was dropped (the paper divides 0 by 0).
             context = (context * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        x = torch.cat([local, context.expand_as(local)], dim=-1)
-        return F.log_softmax(self.classifier(x), dim=-1)
+        # The classifier's first layer sees [local, context]; the context half is the same for every token of a
+        # sample, so its product is taken once per sample instead of once per token (same result, fewer FLOPs).
+        first, half = self.classifier[0], local.shape[-1]
+        x = F.linear(local, first.weight[:, :half]) + F.linear(context, first.weight[:, half:], first.bias)
+        return F.log_softmax(self.classifier[1:](x), dim=-1)
