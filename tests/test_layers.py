@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sparsevit_mm.layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter,
-                                 check_prune_layers, keep_ratio_loss, num_kept, sample_keep_decision,
+from sparsevit_mm.layers import (KeepPolicyAttention, SlowFastRouting, TokenScorePredictor, batch_gather,
+                                 batch_scatter, check_prune_layers, keep_ratio_loss, num_kept, sample_keep_decision,
                                  softmax_with_keep_policy, split_by_score, stage_keep_ratios, topk_indices)
 
 
@@ -21,6 +21,29 @@ def test_gather_scatter_match_indexing():
         rest[index[b]] = False
         assert torch.all(scattered[b, rest] == 0)
     assert torch.all(target == 0), 'batch_scatter must not modify its input'
+
+
+def test_slow_fast_routing_inference_equals_the_masked_mixture():
+    """Gathering each path's rows and adding them back is the training mixture with a hard mask."""
+    torch.manual_seed(0)
+    residual, tokens = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    slow_fn, fast_fn = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    slow, fast = split_by_score(torch.randn(2, 12), 5)
+    mask = torch.zeros(2, 12, 1).scatter(1, slow.unsqueeze(-1), 1.0)
+    expected = SlowFastRouting(mask=mask).residual_update(residual, tokens, slow_fn, fast_fn)
+    assert torch.allclose(expected, residual + mask * slow_fn(tokens) + (1 - mask) * fast_fn(tokens), atol=1e-6)
+    routing = SlowFastRouting.from_indices(slow, fast, 12)
+    assert torch.allclose(routing.apply(tokens, slow_fn, fast_fn), expected - residual, atol=1e-6)
+
+    original = residual.clone()
+    out = routing.residual_update(residual, tokens, slow_fn, fast_fn)  # autograd on: the input stays as it was
+    assert torch.allclose(out, expected, atol=1e-6) and torch.equal(residual, original)
+    out.sum().backward()
+    assert slow_fn.weight.grad.abs().sum() > 0 and fast_fn.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        out = routing.residual_update(residual, tokens, slow_fn, fast_fn)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert out.data_ptr() == residual.data_ptr(), 'without autograd the update is added in place'
 
 
 def test_topk_and_split_by_score():

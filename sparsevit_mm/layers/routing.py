@@ -42,3 +42,23 @@ class SlowFastRouting:
         out.index_copy_(0, self.slow_rows, slow)
         out.index_copy_(0, self.fast_rows, fast.to(slow.dtype))
         return out.view(batch, num_tokens, -1)
+
+    def residual_update(self, residual: torch.Tensor, tokens: torch.Tensor, slow_fn: TokenFn, fast_fn: TokenFn,
+                        drop_path: Optional[TokenFn] = None) -> torch.Tensor:
+        """``residual + drop_path(slow_fn / fast_fn of tokens)`` for (B, N, C) ``residual`` and ``tokens``.
+
+        Training mixes both paths by the mask. Inference adds each path's result to its own rows of ``residual``;
+        with autograd off that happens in place (no full-map pass at all): a contiguous ``residual`` is updated and
+        returned. (``drop_path`` is the identity at inference.)
+        """
+        if self.mask is not None:
+            update = self.apply(tokens, slow_fn, fast_fn)
+            return residual + (update if drop_path is None else drop_path(update))
+        batch, num_tokens, channels = residual.shape
+        out = residual.reshape(batch * num_tokens, channels)
+        if torch.is_grad_enabled() and out.data_ptr() == residual.data_ptr():
+            out = out.clone()  # autograd may still need the caller's tensor
+        flat = tokens.reshape(batch * num_tokens, tokens.shape[-1])
+        out.index_add_(0, self.slow_rows, slow_fn(flat.index_select(0, self.slow_rows)).to(out.dtype))
+        out.index_add_(0, self.fast_rows, fast_fn(flat.index_select(0, self.fast_rows)).to(out.dtype))
+        return out.view(batch, num_tokens, channels)

@@ -28,7 +28,8 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
     Slow path: the block's ``norm -> pointwise_conv1 -> act -> pointwise_conv2 -> gamma``; fast path:
     ``fast_path`` (LayerNorm + Linear) scaled by ``fast_path_gamma``, initialised to 1e-6 whatever the layer-scale
     init, so that a fast path added to a pretrained dense ConvNeXt starts as a near no-op.
-    Without routing it is exactly the ConvNeXt block.
+    Without routing it is exactly the ConvNeXt block. With inference routing and autograd off, a channels-last
+    ``x`` is updated in place.
     """
 
     def __init__(self, in_channels: int, layer_scale_init_value: float = 1e-6, **kwargs):
@@ -54,10 +55,11 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
 
         def inner(x):
             batch, channels, height, width = x.shape
-            tokens = self.depthwise_conv(x).flatten(2).transpose(1, 2)  # (B, N, C)
-            update = routing.apply(tokens, self.slow_path, self.fast)
-            update = update.transpose(1, 2).reshape(batch, channels, height, width)
-            return x + self.drop_path(update)
+            # (B, N, C) views of channels-last maps (the sparse stage runs channels-last): no transposing copies
+            tokens = self.depthwise_conv(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            residual = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            x = routing.residual_update(residual, tokens, self.slow_path, self.fast, self.drop_path)
+            return x.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)
@@ -176,8 +178,11 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         prune_at = {layer: s for s, layer in enumerate(self.prune_layers)}
         result.grid = tuple(x.shape[-2:])
         routing = None
+        # Channels-last memory inside the sparse stage: positions are rows, so the predictors read them, and the
+        # routed blocks gather and update them, without transposing the map.
+        x = x.contiguous(memory_format=torch.channels_last)
         for j, block in enumerate(self.stages[self.sparse_stage]):
             if j in prune_at:
-                routing = self.route(prune_at[j], x.flatten(2).transpose(1, 2), result)
+                routing = self.route(prune_at[j], x.permute(0, 2, 3, 1).flatten(1, 2), result)
             x = block(x, routing) if routing is not None else block(x)
-        return x
+        return x.contiguous()

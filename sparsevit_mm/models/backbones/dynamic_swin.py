@@ -35,10 +35,8 @@ class DynamicSwinBlock(SwinBlock):
             self.fast_path = nn.Sequential(nn.LayerNorm(embed_dims), nn.Linear(embed_dims, embed_dims))
 
     def slow(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.norm2(tokens), identity=tokens)
-
-    def fast(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens + self.ffn.dropout_layer(self.fast_path(tokens))
+        """The block's MLP branch without its residual: ``norm2 -> ffn``."""
+        return self.ffn.gamma2(self.ffn.layers(self.norm2(tokens)))
 
     def window_attention(self, x: torch.Tensor, hw_shape, shift: bool = True) -> torch.Tensor:
         """(Shifted-)window attention of (B, N, C) normed tokens -> (B, N, C), before the residual.
@@ -85,7 +83,9 @@ class DynamicSwinBlock(SwinBlock):
 
         def inner(x):
             x = x + self.window_attention(self.norm1(x), hw_shape, shift)
-            return self.slow(x) if routing is None else routing.apply(x, self.slow, self.fast)
+            if routing is None:
+                return self.ffn(self.norm2(x), identity=x)
+            return routing.residual_update(x, x, self.slow, self.fast_path, self.ffn.dropout_layer)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)
