@@ -92,3 +92,21 @@ def test_tools_train_and_test_upernet_on_a_tiny_ade(tmp_path):
     assert 'loss_keep_ratio' in out.stdout + out.stderr
     out = run_tool('tools/test.py', config, tmp_path / 'work' / 'iter_4.pth')
     assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
+
+
+@pytest.mark.parametrize('family,dense,dynamic', [('swin', 4.51, 4.04), ('convnext', 4.47, 3.57)])
+def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
+    """Inference-path FLOPs at 224: dense Swin-T / ConvNeXt-T and the keep-0.7 models (paper: 4.0 and 3.6)."""
+    config = f'configs/dynamic_{family}/dynamic-{family}-t_r0.7_8xb128x4-120e_in1k.py'
+    out = run_tool('tools/analysis/get_flops.py', config)
+    rows = dict(re.findall(r'^\s+([\d.]+) \|\s+([\d.]+) \|', out.stdout, re.M))
+    assert float(rows['1.000']) == pytest.approx(dense, abs=0.005)
+    assert float(rows['0.700']) == pytest.approx(dynamic, abs=0.005)
+
+
+def test_benchmark_times_a_detector_backbone_side_by_side():
+    config = 'configs/dynamic_convnext/mask-rcnn_dynamic-convnext-t-r0.7_fpn_1x_coco.py'
+    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2', '--iters', '1', '--warmup', '0')
+    assert 'DynamicConvNeXt (backbone), batch 1, 128x192' in out.stdout
+    assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+x \|\s+[\d.]+-[\d.]+\s*x \|\s+1\.\d\dx \|\s+-?\d+%',
+                     out.stdout)
