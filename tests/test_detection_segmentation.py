@@ -106,7 +106,8 @@ def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
 
 def test_benchmark_times_a_detector_backbone_side_by_side():
     config = 'configs/dynamic_convnext/mask-rcnn_dynamic-convnext-t-r0.7_fpn_1x_coco.py'
-    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2', '--iters', '1', '--warmup', '0')
+    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2',
+                   '--iters', '1', '--warmup', '0')
     assert 'DynamicConvNeXt (backbone), batch 1, 128x192' in out.stdout
     assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+x \|\s+[\d.]+-[\d.]+\s*x \|\s+1\.\d\dx \|\s+-?\d+%',
                      out.stdout)

@@ -243,7 +243,8 @@ def main(argv=None):
         realised = f'{(measured - 1) / (allowed - 1):.0%}' if allowed > 1.0001 else '-'
         table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
                             flops_speedup=allowed, gflops=flops[ratio] / 1e9)
-        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{1 if value >= 10 else 3}f} | {measured:>7.2f}x | '
+        digits = 1 if value >= 10 else 3
+        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{digits}f} | {measured:>7.2f}x | '
               f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>13}')
     return table
 
