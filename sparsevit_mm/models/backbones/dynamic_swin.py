@@ -42,9 +42,9 @@ class DynamicSwinBlock(SwinBlock):
         """(Shifted-)window attention of (B, N, C) normed tokens -> (B, N, C), before the residual.
 
         The maths of mmdet's ``ShiftWindowMSA`` (pad to window multiples, cyclic shift, relative position bias,
-        -100 between regions the shift made adjacent), arranged for speed: one ``index_select`` takes the map
-        into window order (padding, shift and partition at once) and one takes it back, and the relative position
-        bias and shift mask form the ``attn_mask`` of ``scaled_dot_product_attention``. ``shift=False`` skips the
+        -100 between regions the shift made adjacent), arranged for speed: one ``index_select`` takes the padded
+        map into window order (shift and partition at once) and one takes it back, and the relative position bias
+        and shift mask form the ``attn_mask`` of ``scaled_dot_product_attention``. ``shift=False`` skips the
         shift (the official Swin on maps no larger than a window).
         """
         msa, window = self.attn.w_msa, self.attn.window_size
@@ -109,7 +109,7 @@ def shift_mask(height: int, width: int, window: int, shift: int, device) -> torc
     for i, rows in enumerate(bounds):
         for j, cols in enumerate(bounds):
             region[rows, cols] = 3 * i + j
-    region = region.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1, window * window)
+    region = region.flatten()[window_order(height, width, window, 0, device)].view(-1, window * window)
     different = region.unsqueeze(1) != region.unsqueeze(2)
     return different.float() * -100.0
 
