@@ -33,7 +33,6 @@ def test_slow_fast_routing_inference_equals_the_masked_mixture():
     expected = SlowFastRouting(mask=mask).residual_update(residual, tokens, slow_fn, fast_fn)
     assert torch.allclose(expected, residual + mask * slow_fn(tokens) + (1 - mask) * fast_fn(tokens), atol=1e-6)
     routing = SlowFastRouting.from_indices(slow, fast, 12)
-    assert torch.allclose(routing.apply(tokens, slow_fn, fast_fn), expected - residual, atol=1e-6)
 
     original = residual.clone()
     out = routing.residual_update(residual, tokens, slow_fn, fast_fn)  # autograd on: the input stays as it was

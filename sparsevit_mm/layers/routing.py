@@ -16,7 +16,7 @@ class SlowFastRouting:
     Training: ``mask`` (B, N, 1), a differentiable 0/1 Gumbel sample; both paths run everywhere and are mixed by
     the mask so gradients reach the predictor. Inference: ``slow_rows`` (B * K, ) and ``fast_rows``
     (B * (N - K), ), the positions as rows of the (B * N, C) matrix (see :func:`flat_rows`); each path runs only on
-    its own rows, and the results are written back into a full map.
+    its own rows, and the results are added back into the rows of the residual stream.
     """
     mask: Optional[torch.Tensor] = None
     slow_rows: Optional[torch.Tensor] = None
@@ -29,30 +29,18 @@ class SlowFastRouting:
         return cls(slow_rows=flat_rows(slow_index, num_tokens).sort().values,
                    fast_rows=flat_rows(fast_index, num_tokens).sort().values)
 
-    def apply(self, tokens: torch.Tensor, slow_fn: TokenFn, fast_fn: TokenFn) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C'): ``slow_fn`` / ``fast_fn`` map (M, C) to (M, C') row-wise."""
-        if self.mask is not None:
-            mask = self.mask.to(tokens.dtype)
-            return mask * slow_fn(tokens) + (1.0 - mask) * fast_fn(tokens)
-        batch, num_tokens, channels = tokens.shape
-        flat = tokens.reshape(batch * num_tokens, channels)
-        slow = slow_fn(flat.index_select(0, self.slow_rows))
-        fast = fast_fn(flat.index_select(0, self.fast_rows))
-        out = slow.new_empty(batch * num_tokens, slow.shape[-1])
-        out.index_copy_(0, self.slow_rows, slow)
-        out.index_copy_(0, self.fast_rows, fast.to(slow.dtype))
-        return out.view(batch, num_tokens, -1)
-
     def residual_update(self, residual: torch.Tensor, tokens: torch.Tensor, slow_fn: TokenFn, fast_fn: TokenFn,
                         drop_path: Optional[TokenFn] = None) -> torch.Tensor:
-        """``residual + drop_path(slow_fn / fast_fn of tokens)`` for (B, N, C) ``residual`` and ``tokens``.
+        """``residual + drop_path(slow_fn / fast_fn of tokens)`` for (B, N, C) ``residual`` and (B, N, C_in)
+        ``tokens``; ``slow_fn`` / ``fast_fn`` map (M, C_in) to (M, C) row-wise.
 
         Training mixes both paths by the mask. Inference adds each path's result to its own rows of ``residual``;
         with autograd off that happens in place (no full-map pass at all): a contiguous ``residual`` is updated and
         returned. (``drop_path`` is the identity at inference.)
         """
         if self.mask is not None:
-            update = self.apply(tokens, slow_fn, fast_fn)
+            mask = self.mask.to(tokens.dtype)
+            update = mask * slow_fn(tokens) + (1.0 - mask) * fast_fn(tokens)
             return residual + (update if drop_path is None else drop_path(update))
         batch, num_tokens, channels = residual.shape
         out = residual.reshape(batch * num_tokens, channels)
