@@ -9,7 +9,8 @@ LayerNorm + Linear (fast path). Shifted-window attention always runs over the wh
 padding and every stage's full feature map (for FPN / UperNet) stay intact. Built on mmdet's ``SwinTransformer``
 (same module names: mmdet / mmseg / mmpretrain Swin checkpoints load as they are); ``keep_ratio=1.0`` is exactly it.
 """
-from typing import Dict, Optional, Sequence, Union
+import functools
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,7 +55,7 @@ class DynamicSwinBlock(SwinBlock):
         padded_h, padded_w = -(-height // window) * window, -(-width // window) * window
         if (padded_h, padded_w) != (height, width):
             x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, padded_w - width, 0, padded_h - height))
-        order = window_order(padded_h, padded_w, window, shift_size, x.device)
+        order, inverse = window_order(padded_h, padded_w, window, shift_size, x.device)
         rows = flat_rows(order.expand(batch, -1), order.numel())
         windows = x.reshape(-1, channels).index_select(0, rows).view(-1, window * window, channels)
 
@@ -72,7 +73,7 @@ class DynamicSwinBlock(SwinBlock):
                                              dropout_p=msa.attn_drop.p if self.training else 0.0, scale=msa.scale)
         out = msa.proj_drop(msa.proj(out.transpose(1, 2).reshape(-1, channels)))
 
-        back = flat_rows(order.argsort().expand(batch, -1), order.numel())
+        back = flat_rows(inverse.expand(batch, -1), order.numel())
         out = out.index_select(0, back).view(batch, padded_h, padded_w, channels)
         if (padded_h, padded_w) != (height, width):
             out = out[:, :height, :width]
@@ -92,15 +93,19 @@ class DynamicSwinBlock(SwinBlock):
         return inner(x)
 
 
-def window_order(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
+# Both layouts depend only on the map size, so they are built once per size (every block and pass reuses them).
+@functools.lru_cache(maxsize=64)
+def window_order(height: int, width: int, window: int, shift: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions of an (H, W) map in window order: the windows of the map cyclically shifted by ``-shift``, each
-    window's positions row by row -> (H * W, ) indices into the row-major map."""
+    window's positions row by row -> (H * W, ) indices into the row-major map, and the inverse permutation."""
     grid = torch.arange(height * width, device=device).view(height, width)
     if shift:
         grid = grid.roll((-shift, -shift), (0, 1))
-    return grid.view(height // window, window, width // window, window).transpose(1, 2).flatten()
+    order = grid.view(height // window, window, width // window, window).transpose(1, 2).flatten()
+    return order, order.argsort()
 
 
+@functools.lru_cache(maxsize=64)
 def shift_mask(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
     """(nW, area, area) additive mask of shifted windows: -100 between positions that came from different regions
     of the unshifted map (Swin's convention), 0 elsewhere."""
@@ -109,7 +114,7 @@ def shift_mask(height: int, width: int, window: int, shift: int, device) -> torc
     for i, rows in enumerate(bounds):
         for j, cols in enumerate(bounds):
             region[rows, cols] = 3 * i + j
-    region = region.flatten()[window_order(height, width, window, 0, device)].view(-1, window * window)
+    region = region.flatten()[window_order(height, width, window, 0, device)[0]].view(-1, window * window)
     different = region.unsqueeze(1) != region.unsqueeze(2)
     return different.float() * -100.0
 
