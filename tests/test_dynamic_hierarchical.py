@@ -46,6 +46,19 @@ def test_convnext_keep_ratio_one_equals_mmpretrain_convnext(shape):
         assert compare(model(images), reference(images)) < 1e-5
 
 
+@pytest.mark.parametrize('keep_ratio', [1.0, 0.7])
+def test_feature_maps_are_contiguous_channels_first(keep_ratio):
+    """DynamicConvNeXt computes channels-last inside; FPN / UperNet still get ordinary contiguous (B, C, H, W)."""
+    model = DynamicConvNeXt(arch=SMALL_CONVNEXT, keep_ratio=keep_ratio, out_indices=(0, 1, 2, 3),
+                            gap_before_final_norm=False)
+    model.init_weights()
+    model.eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 96, 128))
+    assert [tuple(o.shape) for o in outs] == [(2, 16, 24, 32), (2, 32, 12, 16), (2, 64, 6, 8), (2, 128, 3, 4)]
+    assert all(o.is_contiguous() for o in outs)
+
+
 @pytest.mark.parametrize('batch', [1, 2, 3])  # the official DynamicSwin crashes at batch 2 in eval; we must not
 @pytest.mark.parametrize('rate', [0.7, 0.9])
 def test_official_dynamic_swin_checkpoint_reproduces_official_outputs(batch, rate):
