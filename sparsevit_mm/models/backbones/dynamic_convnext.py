@@ -56,7 +56,7 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
 
         def inner(x):
             batch, channels, height, width = x.shape
-            # (B, N, C) views of channels-last maps (the sparse stage runs channels-last): no transposing copies
+            # (B, N, C) views of channels-last maps (the whole network runs channels-last): no transposing copies
             tokens = self.depthwise_conv(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             residual = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             x = routing.residual_update(residual, tokens, self.slow_path, self.fast, self.drop_path)
