@@ -181,9 +181,11 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
     def _downsample(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """mmpretrain's stem (conv, norm) / downsampling layer (norm, conv), keeping channels-last memory (its
         LayerNorm2d would return a contiguous (B, C, H, W) map)."""
-        layers = self.downsample_layers[index]
-        for layer in layers:
-            x = layer_norm_channels(layer, x) if isinstance(layer, LayerNorm2d) else layer(x)
+        for layer in self.downsample_layers[index]:
+            if isinstance(layer, LayerNorm2d):
+                x = layer(x.permute(0, 2, 3, 1), data_format='channel_last').permute(0, 3, 1, 2)
+            else:
+                x = layer(x)
         return x
 
     def _sparse_stage(self, x: torch.Tensor, result: TokenSparsityResult) -> torch.Tensor:
@@ -196,8 +198,3 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
             x = block(x, routing) if routing is not None else block(x)
         return x
 
-
-def layer_norm_channels(norm: LayerNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of a (B, C, H, W) map, returned in the memory format of a channels-last ``x``."""
-    out = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return out.permute(0, 3, 1, 2)
