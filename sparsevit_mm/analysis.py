@@ -5,11 +5,13 @@ traced on the inference path, i.e. with the tokens really gathered. mmengine's c
 ``scaled_dot_product_attention``; we add one so the attention matmuls (what token pruning saves quadratically) are
 counted, exactly as the explicit ``q @ k`` / ``attn @ v`` matmuls would be.
 """
+import contextlib
 import ctypes
 import ctypes.util
+import random
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,9 +41,7 @@ class _TensorForward(nn.Module):
         return tuple(out) if isinstance(out, (list, tuple)) else out
 
 
-@torch.no_grad()
-def count_flops(fn: Callable, inputs: torch.Tensor, module: nn.Module = None) -> int:
-    """FLOPs (multiply-adds) of ``fn(inputs)``; ``module`` (default: ``fn`` itself) is put in eval mode."""
+def _flop_analyzer(fn: Callable, inputs: torch.Tensor, module: nn.Module = None):
     from mmengine.analysis import FlopAnalyzer
     target = module if module is not None else fn
     if not isinstance(target, nn.Module):
@@ -50,10 +50,68 @@ def count_flops(fn: Callable, inputs: torch.Tensor, module: nn.Module = None) ->
     analyzer = FlopAnalyzer(wrapped, (inputs, ))
     analyzer.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_jit)
     analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return analyzer.total()
+    return analyzer, wrapped
 
 
-def _sync(device: torch.device):
+@torch.no_grad()
+def count_flops(fn: Callable, inputs: torch.Tensor, module: nn.Module = None) -> int:
+    """FLOPs (multiply-adds) of ``fn(inputs)``; ``module`` (default: ``fn`` itself) is put in eval mode."""
+    return _flop_analyzer(fn, inputs, module)[0].total()
+
+
+@torch.no_grad()
+def count_flops_by_part(fn: Callable, inputs: torch.Tensor, module: nn.Module,
+                        parts: Dict[str, Sequence[nn.Module]]) -> Dict[str, int]:
+    """FLOPs of ``fn(inputs)`` (as :func:`count_flops`) split into ``parts`` (name -> submodules of ``module``,
+    disjoint), plus ``'total'``."""
+    analyzer, wrapped = _flop_analyzer(fn, inputs, module)
+    per_module = analyzer.by_module()
+    names = {id(m): name for name, m in wrapped.named_modules()}
+    flops = {part: sum(per_module[names[id(m)]] for m in modules) for part, modules in parts.items()}
+    flops['total'] = analyzer.total()
+    return flops
+
+
+def sparsity_parts(backbone: nn.Module) -> Dict[str, List[nn.Module]]:
+    """The modules of a sparse backbone that routing adds or spares: the slow-path MLPs of routed blocks (what
+    fast-path positions skip), the fast paths and the score predictors. Parts a backbone lacks are left out."""
+    parts = {'slow-path MLPs': [], 'fast paths': [],
+             'score predictors': list(getattr(backbone, 'score_predictors', None) or [])}
+    for block in backbone.modules():
+        if getattr(block, 'fast_path', None) is not None and hasattr(block, 'slow_path_modules'):
+            parts['fast paths'].append(block.fast_path)
+            parts['slow-path MLPs'] += [block.get_submodule(name) for name in block.slow_path_modules]
+    return {part: modules for part, modules in parts.items() if modules}
+
+
+@contextlib.contextmanager
+def timed_parts(parts: Dict[str, Sequence[nn.Module]], device: torch.device) -> Iterator[Dict[str, float]]:
+    """While active, the seconds spent inside the modules of each part accumulate in the yielded dict (forward
+    hooks; on CUDA each boundary synchronises, which serialises the stream: use it to attribute time, not to time
+    the whole pass)."""
+    seconds = {part: 0.0 for part in parts}
+    handles = []
+
+    def now():
+        synchronize(device)
+        return time.perf_counter()
+
+    for part, modules in parts.items():
+        for module in modules:
+            started = []
+            handles.append(module.register_forward_pre_hook(lambda m, args, started=started: started.append(now())))
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, part=part, started=started: seconds.__setitem__(
+                    part, seconds[part] + now() - started.pop())))
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def synchronize(device: torch.device):
+    """Wait for the work queued on ``device`` (a no-op on CPU), so that wall-clock times cover it."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -87,11 +145,11 @@ def _timed_rounds(candidates, inputs, rounds, iters, warmup, results, bar):
             fn = prepare()
             for _ in range(warmup):
                 fn(inputs)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(iters):
                 fn(inputs)
-            _sync(device)
+            synchronize(device)
             results[name].append(iters * inputs.shape[0] / (time.perf_counter() - start))
             bar.update()
 
@@ -104,6 +162,16 @@ def round_speedups(results: Dict[str, List[float]], baseline: str) -> Dict[str, 
     """Per-round speed-up of every candidate over ``baseline`` (both timed in the same round, so a slow spell of a
     shared machine cancels out) -> name -> one ratio per round."""
     return {name: [ours / base for ours, base in zip(values, results[baseline])] for name, values in results.items()}
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> Tuple[float, float]:
+    """Bootstrap percentile interval of the median of ``values``: how far the reported median could move if the
+    rounds were run again on an equally noisy machine."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1.0 - confidence) / 2
+    return medians[int(tail * (resamples - 1))], medians[int(round((1.0 - tail) * (resamples - 1)))]
 
 
 def quartiles(values: Sequence[float]) -> Tuple[float, float, float]:

@@ -107,7 +107,15 @@ def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
 def test_benchmark_times_a_detector_backbone_side_by_side():
     config = 'configs/dynamic_convnext/mask-rcnn_dynamic-convnext-t-r0.7_fpn_1x_coco.py'
     out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2',
-                   '--iters', '1', '--warmup', '0')
+                   '--iters', '1', '--warmup', '0', '--breakdown')
     assert 'DynamicConvNeXt (backbone), batch 1, 128x192' in out.stdout
     assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+x \|\s+[\d.]+-[\d.]+\s*x \|\s+1\.\d\dx \|\s+-?\d+%',
                      out.stdout)
+    # the breakdown: slow-path MLP FLOPs fall with the keep ratio, fast paths and predictors appear, the rest stays
+    number = r'\s+([\d.]+)'
+    rows = {name: [float(v) for v in values] for name, *values in re.findall(
+        r'^\s*(slow-path MLPs|rest of the network|whole pass) \|' + number * 3 + r' \|' + number * 3, out.stdout, re.M)}
+    assert rows['slow-path MLPs'][1] > 2 * rows['slow-path MLPs'][4]  # GFLOPs at 1.0 vs 0.7
+    assert rows['rest of the network'][1] == pytest.approx(rows['rest of the network'][4], rel=0.02)
+    assert rows['whole pass'][1] > rows['whole pass'][4]
+    assert re.search(r'^\s*fast paths \|\s+- .* \|\s+[\d.]+\s+[\d.]+', out.stdout, re.M)

@@ -12,7 +12,10 @@
 Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense model); they are timed in interleaved
 rounds so that load on a shared machine affects both alike. Reported: images/s (median of rounds), the speed-up over
 the first keep ratio (median of the per-round ratios, with their quartiles), the speed-up the FLOPs reduction alone
-would give, and the share of that gain realised (``(measured - 1) / (FLOPs speed-up - 1)``).
+would give, and the share of that gain realised (``(measured - 1) / (FLOPs speed-up - 1)``) with a 95% bootstrap
+interval of the median (how far it could move in a rerun as noisy as this one). ``--breakdown`` then times the parts
+routing changes (slow-path MLPs, fast paths, score predictors, the rest of the network) and prints their FLOP rates:
+the FLOPs speed-up assumes every multiply-add costs the same time, and this shows where that does not hold.
 
 On CPU, freed memory stays in the process (``keep_freed_cpu_memory``; ``--system-allocator`` turns that off): glibc
 otherwise page-faults every large activation in again on each pass, kernel time that hides the models' difference.
@@ -20,14 +23,16 @@ otherwise page-faults every large activation in again on each pass, kernel time 
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from sparsevit_mm.analysis import (count_flops, keep_freed_cpu_memory, median, quartiles, round_speedups,  # noqa: E402
-                                   side_by_side_throughput)
+from sparsevit_mm.analysis import (count_flops, count_flops_by_part, keep_freed_cpu_memory, median,  # noqa: E402
+                                   median_interval, quartiles, round_speedups, side_by_side_throughput,
+                                   sparsity_parts, synchronize, timed_parts)
 from sparsevit_mm.apis import init_model  # noqa: E402
 
 
@@ -48,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--system-allocator', action='store_true',
                         help='CPU: leave glibc malloc as it is (freed activations go back to the system)')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='also time the parts routing changes (slow-path MLPs, fast paths, score predictors, '
+                             'the rest) with module hooks, with their FLOPs and FLOP rates')
     parser.add_argument('--budget-q', type=float, nargs='+', default=[0.5, 1.5],
                         help='DVT: budgets as q of the exit law (fractions ~ q, q^2, q^3)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -234,19 +242,69 @@ def main(argv=None):
     print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {describe_device(args)}, '
           f'{args.rounds} interleaved rounds of {args.iters} batches')
     print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
-          f'{"FLOPs speed-up":>14} | {"gain realised":>13}')
+          f'{"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22}')
     table = {}
     for ratio in ratios:
         value = median(results[ratio])
         low, measured, high = quartiles(speedups[ratio])
         allowed = flops[ratios[0]] / flops[ratio]
-        realised = f'{(measured - 1) / (allowed - 1):.0%}' if allowed > 1.0001 else '-'
+        realised = '-'
+        if allowed > 1.0001:
+            gain = [(s - 1) / (allowed - 1) for s in (measured, *median_interval(speedups[ratio]))]
+            realised = f'{gain[0]:.0%} ({gain[1]:.0%}-{gain[2]:.0%})'
         table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
-                            flops_speedup=allowed, gflops=flops[ratio] / 1e9)
+                            speedup_interval=median_interval(speedups[ratio]), flops_speedup=allowed,
+                            gflops=flops[ratio] / 1e9)
         digits = 1 if value >= 10 else 3
         print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{digits}f} | {measured:>7.2f}x | '
-              f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>13}')
+              f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>22}')
+    if args.breakdown:
+        table['breakdown'] = time_breakdown(model, backbone, forward, images, ratios, args)
     return table
+
+
+def time_breakdown(model, backbone, forward, images, ratios, args) -> dict:
+    """Time and FLOPs of the parts routing changes, per setting: the slow-path MLPs of routed blocks (what
+    fast-path positions skip), the fast paths, the score predictors, and the rest of the network (the whole pass
+    minus those), each timed with module hooks in ``args.rounds`` interleaved passes (median)."""
+    parts = sparsity_parts(backbone)
+    flops, seconds = {}, {}
+    for ratio in ratios:
+        backbone.keep_ratio = ratio
+        flops[ratio] = count_flops_by_part(forward, images[:1], model, parts)
+        flops[ratio]['rest of the network'] = flops[ratio]['total'] - sum(flops[ratio][p] for p in parts)
+        seconds[ratio] = {name: [] for name in [*parts, 'rest of the network', 'total']}
+    with torch.no_grad(), timed_parts(parts, images.device) as inside:
+        for _ in range(args.rounds):
+            for ratio in ratios:
+                backbone.keep_ratio = ratio
+                forward(images)  # warm-up of this setting (buffers, caches) outside the timed pass
+                inside.update({part: 0.0 for part in parts})
+                synchronize(images.device)
+                start = time.perf_counter()
+                forward(images)
+                synchronize(images.device)
+                total = time.perf_counter() - start
+                for part in parts:
+                    seconds[ratio][part].append(inside[part])
+                seconds[ratio]['rest of the network'].append(total - sum(inside.values()))
+                seconds[ratio]['total'].append(total)
+    print(f'\nWhere the time goes (module hooks; median of {args.rounds} interleaved passes per setting; GFLOPs per '
+          f'image, GFLOP/s = multiply-adds per second over the batch):')
+    header = ' | '.join(f'{f"keep {r:.2f}: ms":>15} {"GFLOPs":>7} {"GFLOP/s":>8}' for r in ratios)
+    print(f'{"part":>20} | {header}')
+    rows = {}
+    for name in seconds[ratios[0]]:
+        cells, rows[name] = [], {}
+        for ratio in ratios:
+            ms = median(seconds[ratio][name]) * 1000
+            gflops = flops[ratio][name] / 1e9
+            rate = gflops * images.shape[0] / (ms / 1000) if ms > 0 else 0.0
+            rows[name][ratio] = dict(ms=ms, gflops=gflops, gflop_per_s=rate)
+            cells.append(f'{ms:>15.1f} {gflops:>7.3f} {rate:>8.1f}' if gflops or ms > 0.05 else f'{"-":>15} '
+                         f'{"-":>7} {"-":>8}')
+        print(f'{"whole pass" if name == "total" else name:>20} | {" | ".join(cells)}')
+    return rows
 
 
 if __name__ == '__main__':

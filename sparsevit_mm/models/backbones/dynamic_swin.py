@@ -29,6 +29,8 @@ class DynamicSwinBlock(SwinBlock):
     ``fast_path`` (LayerNorm + Linear, no layer scale, as the official DynamicSwin). Without routing it computes
     exactly what mmdet's ``SwinBlock`` computes, with the same parameters (see :meth:`window_attention`).
     """
+    # the submodules the slow path runs (what routing spares on fast-path positions), for timing breakdowns
+    slow_path_modules = ('norm2', 'ffn.layers')
 
     def __init__(self, embed_dims: int, *args, with_fast_path: bool = False, **kwargs):
         super().__init__(embed_dims, *args, **kwargs)
