@@ -84,6 +84,26 @@ def sparsity_parts(backbone: nn.Module) -> Dict[str, List[nn.Module]]:
     return {part: modules for part, modules in parts.items() if modules}
 
 
+def rate_ceilings(rows: Dict[str, Dict[float, dict]], ratios: Sequence[float]) -> Dict[float, float]:
+    """The speed-up over ``ratios[0]`` each other setting would reach if every part kept its FLOP rate of the
+    dense pass and the work routing adds (fast paths, predictors) ran as fast per FLOP as the slow-path MLPs it
+    replaces: the ceiling a machine's FLOP rates put on the fast / slow design, whatever the routing code. (The
+    FLOPs speed-up is this with all rates equal.)
+
+    Args:
+        rows: part -> setting -> ``dict(gflops=..., gflop_per_s=...)``, with the parts of :func:`sparsity_parts`
+            (``'slow-path MLPs'`` among them), ``'rest of the network'`` and ``'total'``.
+    """
+    mlp_rate = rows['slow-path MLPs'][ratios[0]]['gflop_per_s']
+    rest_rate = rows['rest of the network'][ratios[0]]['gflop_per_s']
+
+    def seconds(ratio):
+        routed = sum(row[ratio]['gflops'] for name, row in rows.items() if name not in ('rest of the network', 'total'))
+        return rows['rest of the network'][ratio]['gflops'] / rest_rate + routed / mlp_rate
+
+    return {ratio: seconds(ratios[0]) / seconds(ratio) for ratio in ratios[1:]}
+
+
 @contextlib.contextmanager
 def timed_parts(parts: Dict[str, Sequence[nn.Module]], device: torch.device) -> Iterator[Dict[str, float]]:
     """While active, the seconds spent inside the modules of each part accumulate in the yielded dict (forward
@@ -96,13 +116,20 @@ def timed_parts(parts: Dict[str, Sequence[nn.Module]], device: torch.device) -> 
         synchronize(device)
         return time.perf_counter()
 
+    def hooks(part):
+        started = []
+
+        def before(module, args):
+            started.append(now())
+
+        def after(module, args, output):
+            seconds[part] += now() - started.pop()
+        return before, after
+
     for part, modules in parts.items():
         for module in modules:
-            started = []
-            handles.append(module.register_forward_pre_hook(lambda m, args, started=started: started.append(now())))
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, part=part, started=started: seconds.__setitem__(
-                    part, seconds[part] + now() - started.pop())))
+            before, after = hooks(part)
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         yield seconds
     finally:

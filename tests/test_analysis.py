@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsevit_mm.analysis import count_flops, count_flops_by_part, median_interval, sparsity_parts, timed_parts
+from sparsevit_mm.analysis import (count_flops, count_flops_by_part, median_interval, rate_ceilings, sparsity_parts,
+                                   timed_parts)
 from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
 
 SMALL_CONVNEXT = dict(depths=[1, 1, 4, 1], channels=[16, 32, 64, 128], prune_layers=[1, 2, 3])
@@ -63,3 +64,20 @@ def test_median_interval_covers_the_median_and_narrows_with_less_spread():
     narrow_low, narrow_high = median_interval(narrow)
     assert narrow_high - narrow_low < (high - low) / 5
     assert median_interval(wide) == (low, high)  # seeded: the same rounds give the same interval
+
+
+def test_rate_ceiling_is_the_flops_speedup_only_when_every_part_runs_at_one_rate():
+    def rows(mlp_rate, rest_rate):
+        flops = {'slow-path MLPs': (2.0, 0.8), 'fast paths': (0.0, 0.1), 'score predictors': (0.0, 0.1),
+                 'rest of the network': (3.0, 3.0)}
+        table = {name: {1.0: dict(gflops=dense, gflop_per_s=mlp_rate), 0.7: dict(gflops=sparse, gflop_per_s=0.0)}
+                 for name, (dense, sparse) in flops.items()}
+        table['rest of the network'][1.0]['gflop_per_s'] = rest_rate
+        table['total'] = {1.0: dict(gflops=5.0), 0.7: dict(gflops=4.0)}
+        return table
+
+    assert rate_ceilings(rows(60.0, 60.0), [1.0, 0.7])[0.7] == pytest.approx(5.0 / 4.0)
+    # MLP work twice as fast per FLOP as the rest: saving 1 GFLOP of it saves less time than the count promises
+    dense, sparse = 2.0 / 60 + 3.0 / 30, 1.0 / 60 + 3.0 / 30
+    assert rate_ceilings(rows(60.0, 30.0), [1.0, 0.7])[0.7] == pytest.approx(dense / sparse)
+    assert dense / sparse < 5.0 / 4.0

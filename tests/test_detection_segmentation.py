@@ -119,3 +119,5 @@ def test_benchmark_times_a_detector_backbone_side_by_side():
     assert rows['rest of the network'][1] == pytest.approx(rows['rest of the network'][4], rel=0.02)
     assert rows['whole pass'][1] > rows['whole pass'][4]
     assert re.search(r'^\s*fast paths \|\s+- .* \|\s+[\d.]+\s+[\d.]+', out.stdout, re.M)
+    assert re.search(r'keep 0\.70 would run [\d.]+x faster \(FLOPs allow 1\.\d\dx, -?\d+% of the FLOPs-allowed gain\)',
+                     out.stdout)

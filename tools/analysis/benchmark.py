@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 from sparsevit_mm.analysis import (count_flops, count_flops_by_part, keep_freed_cpu_memory, median,  # noqa: E402
-                                   median_interval, quartiles, round_speedups, side_by_side_throughput,
-                                   sparsity_parts, synchronize, timed_parts)
+                                   median_interval, quartiles, rate_ceilings, round_speedups,
+                                   side_by_side_throughput, sparsity_parts, synchronize, timed_parts)
 from sparsevit_mm.apis import init_model  # noqa: E402
 
 
@@ -247,14 +247,14 @@ def main(argv=None):
     for ratio in ratios:
         value = median(results[ratio])
         low, measured, high = quartiles(speedups[ratio])
+        interval = median_interval(speedups[ratio])
         allowed = flops[ratios[0]] / flops[ratio]
         realised = '-'
         if allowed > 1.0001:
-            gain = [(s - 1) / (allowed - 1) for s in (measured, *median_interval(speedups[ratio]))]
+            gain = [(s - 1) / (allowed - 1) for s in (measured, *interval)]
             realised = f'{gain[0]:.0%} ({gain[1]:.0%}-{gain[2]:.0%})'
         table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
-                            speedup_interval=median_interval(speedups[ratio]), flops_speedup=allowed,
-                            gflops=flops[ratio] / 1e9)
+                            speedup_interval=interval, flops_speedup=allowed, gflops=flops[ratio] / 1e9)
         digits = 1 if value >= 10 else 3
         print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{digits}f} | {measured:>7.2f}x | '
               f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>22}')
@@ -293,7 +293,7 @@ def time_breakdown(model, backbone, forward, images, ratios, args) -> dict:
           f'image, GFLOP/s = multiply-adds per second over the batch):')
     header = ' | '.join(f'{f"keep {r:.2f}: ms":>15} {"GFLOPs":>7} {"GFLOP/s":>8}' for r in ratios)
     print(f'{"part":>20} | {header}')
-    rows = {}
+    rows, absent = {}, f'{"-":>15} {"-":>7} {"-":>8}'
     for name in seconds[ratios[0]]:
         cells, rows[name] = [], {}
         for ratio in ratios:
@@ -301,9 +301,17 @@ def time_breakdown(model, backbone, forward, images, ratios, args) -> dict:
             gflops = flops[ratio][name] / 1e9
             rate = gflops * images.shape[0] / (ms / 1000) if ms > 0 else 0.0
             rows[name][ratio] = dict(ms=ms, gflops=gflops, gflop_per_s=rate)
-            cells.append(f'{ms:>15.1f} {gflops:>7.3f} {rate:>8.1f}' if gflops or ms > 0.05 else f'{"-":>15} '
-                         f'{"-":>7} {"-":>8}')
+            cells.append(f'{ms:>15.1f} {gflops:>7.3f} {rate:>8.1f}' if gflops or ms > 0.05 else absent)
         print(f'{"whole pass" if name == "total" else name:>20} | {" | ".join(cells)}')
+    if 'slow-path MLPs' in parts:
+        dense = {name: row[ratios[0]] for name, row in rows.items()}
+        print(f'FLOP rates of the dense pass: slow-path MLPs {dense["slow-path MLPs"]["gflop_per_s"]:.1f} GFLOP/s, '
+              f'rest of the network {dense["rest of the network"]["gflop_per_s"]:.1f}. At these rates, with fast '
+              f'paths and predictors as fast per FLOP as the slow-path MLPs:')
+        for ratio, ceiling in rate_ceilings(rows, ratios).items():
+            allowed = rows['total'][ratios[0]]['gflops'] / rows['total'][ratio]['gflops']
+            share = f', {(ceiling - 1) / (allowed - 1):.0%} of the FLOPs-allowed gain' if allowed > 1.0001 else ''
+            print(f'  keep {ratio:.2f} would run {ceiling:.2f}x faster (FLOPs allow {allowed:.2f}x{share})')
     return rows
 
 
