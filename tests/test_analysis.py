@@ -81,3 +81,12 @@ def test_rate_ceiling_is_the_flops_speedup_only_when_every_part_runs_at_one_rate
     dense, sparse = 2.0 / 60 + 3.0 / 30, 1.0 / 60 + 3.0 / 30
     assert rate_ceilings(rows(60.0, 30.0), [1.0, 0.7])[0.7] == pytest.approx(dense / sparse)
     assert dense / sparse < 5.0 / 4.0
+
+
+def test_breakdown_of_a_model_without_routing_is_a_clear_error():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark_tool', 'tools/analysis/benchmark.py')
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with pytest.raises(SystemExit, match='--breakdown times the parts routing changes .* UViTDiffusion has none'):
+        benchmark.main(['configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py', '--breakdown', '--batch-size', '1'])

@@ -214,6 +214,9 @@ def main(argv=None):
         args.system_allocator = not keep_freed_cpu_memory()
     height, width = (args.shape * 2)[:2]
     model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
+    if args.breakdown and (hasattr(model, 'early_exit') or hasattr(model, 'schedule')):
+        raise SystemExit(f'--breakdown times the parts routing changes in a token-sparse backbone (DynamicViT, '
+                         f'DynamicSwinTransformer, DynamicConvNeXt); {type(model).__name__} has none')
     if hasattr(model, 'early_exit'):
         return benchmark_early_exit(model, args)
     if hasattr(model, 'network') and hasattr(model, 'schedule'):
