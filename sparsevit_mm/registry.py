@@ -7,13 +7,13 @@ mmdet, mmseg), so configs with ``default_scope`` ``'mmpretrain'``, ``'mmdet'`` o
 """
 import importlib
 
-from .engine import FreezeBackboneHook, KeepRatioLossHook
+from .engine import CheckpointLayoutHook, FreezeBackboneHook, KeepRatioLossHook, RandomStateHook
 from .evaluation import EarlyExitMetric
 from .models import (DVT, DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
                      TokenLabelingClsHead, UViT, UViTBackbone, UViTDiffusion)
 
 SPARSE_BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
-HOOKS = [FreezeBackboneHook, KeepRatioLossHook]
+HOOKS = [CheckpointLayoutHook, FreezeBackboneHook, KeepRatioLossHook, RandomStateHook]
 
 # framework -> registry name -> classes
 REGISTRATIONS = {

@@ -14,10 +14,13 @@ from sparsevit_mm.utils.setup_env import read_config
 from .helpers import detection_config, make_ade, make_coco, run_tool, segmentation_config
 
 
-def swapped(config, backbone):
+def swapped(config, backbone_type):
+    """An upstream config whose backbone changes by ``type=`` alone (the pretrained file is left out: no download)."""
     cfg = read_config(config)
-    cfg.model.backbone = backbone  # the one change: the backbone
+    cfg.model.backbone.type = backbone_type  # the one change; every upstream argument stays
+    cfg.model.backbone.init_cfg = None
     cfg.model.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4))  # the recipes' AMP needs a GPU
     return cfg
 
 
@@ -32,17 +35,20 @@ def train_one_step(cfg, scope, data):
         return model.train_step(data, optim_wrapper)
 
 
-BACKBONES = {
-    'swin': dict(type='DynamicSwinTransformer', arch='tiny', keep_ratio=0.7),
-    'convnext': dict(type='DynamicConvNeXt', arch='tiny', keep_ratio=0.7, out_indices=(0, 1, 2, 3),
-                     gap_before_final_norm=False),
+UPSTREAM = {  # (mmdet config, mmseg config, our type)
+    'swin': ('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+             'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+             'DynamicSwinTransformer'),
+    'convnext': ('mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py',
+                 'mmseg::convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py', 'DynamicConvNeXt'),
 }
 
 
 @pytest.mark.parametrize('kind', ['swin', 'convnext'])
-def test_mmdet_mask_rcnn_swin_config_with_the_backbone_swapped(kind):
+def test_mmdet_mask_rcnn_config_with_only_the_backbone_type_changed(kind):
     from mmdet.testing import demo_mm_inputs
-    cfg = swapped('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', BACKBONES[kind])
+    detection, _, backbone_type = UPSTREAM[kind]
+    cfg = swapped(detection, backbone_type)
     data = demo_mm_inputs(batch_size=1, image_shapes=[(3, 160, 224)], num_items=[3], num_classes=80, with_mask=True)
     log_vars = train_one_step(cfg, 'mmdet', data)
     for key in ('loss_rpn_cls', 'loss_bbox', 'loss_mask', 'loss_keep_ratio', 'keep_ratio_stage3'):
@@ -50,11 +56,11 @@ def test_mmdet_mask_rcnn_swin_config_with_the_backbone_swapped(kind):
 
 
 @pytest.mark.parametrize('kind', ['swin', 'convnext'])
-def test_mmseg_upernet_swin_config_with_the_backbone_swapped(kind):
+def test_mmseg_upernet_config_with_only_the_backbone_type_changed(kind):
     from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
-    cfg = swapped('mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
-                  BACKBONES[kind])
+    _, segmentation, backbone_type = UPSTREAM[kind]
+    cfg = swapped(segmentation, backbone_type)
     cfg.model.data_preprocessor.size = (128, 128)
     samples = []
     for _ in range(2):  # UperNet's pooling module has BatchNorm on 1x1 maps: it needs more than one image

@@ -169,23 +169,20 @@ def test_bad_input_raises_clear_errors(cls):
 
 @pytest.mark.parametrize('family', ['swin', 'convnext'])
 def test_convert_official_dynamic_checkpoint_to_a_classifier(family):
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-
-    from sparsevit_mm.converters import convert_official
+    from sparsevit_mm.apis import build_model, convert_official
     if family == 'swin':
         sd = random_official_swin(**SMALL_SWIN, num_classes=5)
         expected_fn = lambda x: official_swin_forward(sd, x, SMALL_SWIN['depths'], SMALL_SWIN['num_heads'])  # noqa
     else:
         sd = random_official_convnext(**SMALL_CONVNEXT, num_classes=5)
         expected_fn = lambda x: official_convnext_forward(sd, x, SMALL_CONVNEXT['depths'])  # noqa
-    converted, backbone, head = convert_official(sd)
+    converted, model_cfg, notes = convert_official(sd)
+    backbone, head = model_cfg['backbone'], model_cfg['head']
     assert backbone['prune_layers'] == [1, 2, 3] and head == dict(type='LinearClsHead', num_classes=5,
                                                                    in_channels=256 if family == 'swin' else 128)
-    neck = dict(type='GlobalAveragePooling') if family == 'swin' else None
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        model = MODELS.build(dict(type='ImageClassifier', backbone=dict(backbone, keep_ratio=0.7), neck=neck,
-                                  head=head))
+    assert backbone['keep_ratio'] == 0.7 and notes == []  # official dynamic checkpoints are trained at 0.7
+    assert (model_cfg.get('neck') == dict(type='GlobalAveragePooling')) == (family == 'swin')
+    model = build_model(model_cfg)
     model.load_state_dict(converted)
     model.eval()
     images = torch.randn(2, 3, 224, 224)
@@ -215,3 +212,33 @@ def test_dynamic_objective_with_hierarchical_backbones(family, tmp_path):
     assert {'loss_cls', 'loss_keep_ratio', 'loss_distill_logits', 'loss_distill_tokens'} <= set(losses)
     sum(v for k, v in losses.items() if k.startswith('loss')).backward()
     assert model.backbone.score_predictors[1].in_proj.weight.grad.abs().sum() > 0
+
+
+def test_upstream_arguments_are_taken_or_refused_clearly():
+    """mmdet's / mmseg's Swin and mmpretrain's ConvNeXt arguments: those with a meaning here work, the rest raise."""
+    swin_args = dict(embed_dims=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8], qk_scale=None, patch_norm=True,
+                     pretrain_img_size=224, strides=(4, 2, 2, 2), convert_weights=True, drop_path_rate=0.0)
+    images = torch.randn(1, 3, 96, 128)
+    for ours, upstream in ((DynamicSwinTransformer(keep_ratio=1.0, **swin_args), SwinTransformer(**swin_args)),
+                           (DynamicConvNeXt(arch='atto', keep_ratio=1.0, out_indices=(0, 1, 2, 3),
+                                            gap_before_final_norm=False, stem_patch_size=4),
+                            ConvNeXt(arch='atto', out_indices=(0, 1, 2, 3), gap_before_final_norm=False))):
+        ours.load_state_dict(upstream.state_dict(), strict=False)
+        ours.eval(), upstream.eval()
+        with torch.no_grad():
+            for a, b in zip(ours(images), upstream(images)):
+                assert torch.allclose(a, b, atol=1e-5)
+    assert DynamicSwinTransformer(embed_dims=96, depths=[2, 2, 18, 2]).prune_layers == [2, 4, 6]  # the zoo's S
+    assert DynamicConvNeXt(arch='atto').prune_layers == [1, 2, 3]
+    with pytest.raises(ValueError, match='use_abs_pos_embed=True is not supported'):
+        DynamicSwinTransformer(use_abs_pos_embed=True)
+    with pytest.raises(ValueError, match="give arch='small' or \\['embed_dims'\\]"):
+        DynamicSwinTransformer(arch='small', embed_dims=96)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'window'"):
+        DynamicSwinTransformer(window=7)
+    with pytest.raises(ValueError, match='use_grn=True'):
+        DynamicConvNeXt(use_grn=True)
+    with pytest.raises(ValueError, match='linear_pw_conv=False'):
+        DynamicConvNeXt(linear_pw_conv=False)
+    with pytest.raises(ValueError, match="norm_cfg must be dict\\(type='LN2d'"):
+        DynamicConvNeXt(norm_cfg=dict(type='BN'))

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from sparsevit_mm.converters.dynamicvit import infer_backbone_kwargs, official_to_classifier, to_backbone_state_dict
+from sparsevit_mm.converters.dynamicvit import infer_backbone_kwargs, split_official, to_backbone_state_dict
 from sparsevit_mm.models import DynamicViT
 from sparsevit_mm.utils import CheckpointMismatchError
 
@@ -61,22 +61,26 @@ def test_official_checkpoint_reproduces_official_outputs(lvvit, batch):
     images = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
         tokens = model(images)[0]
-    head = official_to_classifier(sd)
-    logits = torch.nn.functional.linear(tokens[:, 0], head['head.cls_fc.weight' if lvvit else 'head.layers.head.weight'],
-                                        head['head.cls_fc.bias' if lvvit else 'head.layers.head.bias'])
+    head = split_official(sd)[1]  # the official head keys
+    logits = torch.nn.functional.linear(tokens[:, 0], head['head.weight'], head['head.bias'])
     if lvvit:
-        aux = torch.nn.functional.linear(tokens[:, 1:], head['head.token_fc.weight'], head['head.token_fc.bias'])
+        aux = torch.nn.functional.linear(tokens[:, 1:], head['aux_head.weight'], head['aux_head.bias'])
         logits = logits + 0.5 * aux.amax(1)
     expected = official_forward(sd, images, num_heads=4, pruning_loc=loc, base_rate=0.7, lvvit=lvvit)
     assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
 
 
 def test_infer_arch_from_checkpoint():
-    assert infer_backbone_kwargs(random_official_state_dict(384, 12)) == dict(arch='deit-small', patch_size=16,
-                                                                              img_size=224)
-    assert infer_backbone_kwargs(random_official_state_dict(384, 16, 3.0, lvvit=True))['arch'] == 'lvvit-s'
-    custom = infer_backbone_kwargs(random_official_state_dict(64, 4, 2.0, grid=4))
+    assert infer_backbone_kwargs(random_official_state_dict(384, 12)) == (
+        dict(arch='deit-small', patch_size=16, img_size=224), [])
+    assert infer_backbone_kwargs(random_official_state_dict(384, 16, 3.0, lvvit=True))[0]['arch'] == 'lvvit-s'
+    custom, notes = infer_backbone_kwargs(random_official_state_dict(64, 4, 2.0, grid=4))
     assert custom['img_size'] == 64 and custom['arch']['num_layers'] == 4 and custom['arch']['num_heads'] == 1
+    assert len(notes) == 1 and 'num_heads=1 was inferred' in notes[0]
+    custom, notes = infer_backbone_kwargs(random_official_state_dict(64, 4, 2.0, grid=4), num_heads=2)
+    assert custom['arch']['num_heads'] == 2 and notes == []
+    # a zoo width with another head count is a custom arch, not the zoo entry
+    assert infer_backbone_kwargs(random_official_state_dict(384, 12), num_heads=4)[0]['arch']['num_heads'] == 4
 
 
 def test_keep_ratio_changes_at_inference_and_one_is_dense():

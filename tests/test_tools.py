@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from .helpers import make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
-from .reference.official_vit import random_official_state_dict
 
 
 def free_port():
@@ -84,30 +83,6 @@ def test_two_process_gloo_train_test_resume(setup):
     run_tool(*launch(), 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
              'train_cfg.max_iters=4', env=env)
     assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
-
-
-def test_converter_cli_and_official_checkpoint_in_test_tool(setup, tmp_path):
-    sd = random_official_state_dict(64, 4, mlp_ratio=2.0, num_classes=2, grid=4)
-    sd['patch_embed.proj.weight'] = sd['patch_embed.proj.weight'][..., :8, :8].contiguous()
-    official = tmp_path / 'official.pth'
-    torch.save({'model': sd, 'epoch': 29}, official)
-    converted = tmp_path / 'converted.pth'
-    out = run_tool('tools/model_converters/official_to_sparsevit.py', official, converted)
-    assert 'score predictors included' in out.stdout
-    state = torch.load(converted)['state_dict']
-    assert torch.equal(state['backbone.score_predictors.1.classifier.2.weight'], sd['score_predictor.1.out_conv.2.weight'])
-    assert torch.equal(state['head.layers.head.weight'], sd['head.weight'])
-    root, data, teacher = setup
-    config = write_config(root, data, None, 'tiny_eval', tmp_path / 'eval')
-    for ckpt in (converted, official):  # tools/test.py also converts the official file on the fly
-        out = run_tool('tools/test.py', config, ckpt)
-        assert 'accuracy/top1' in out.stdout + out.stderr
-
-    broken = dict(sd)
-    broken.pop('blocks.2.mlp.fc2.weight')
-    torch.save({'model': broken}, official)
-    with pytest.raises(AssertionError, match='blocks.2.mlp.fc2.weight'):
-        run_tool('tools/model_converters/official_to_sparsevit.py', official, converted)
 
 
 def test_get_flops_deit_small_matches_the_paper():

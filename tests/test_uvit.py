@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsevit_mm.converters import convert_official
+from sparsevit_mm.apis import convert_official
 from sparsevit_mm.models import UViT, UViTDiffusion
 from sparsevit_mm.models.diffusion import DiscreteSchedule, VPSchedule, dpm_solver_sample
 
@@ -36,9 +36,12 @@ def test_official_checkpoint_reproduces_the_network_output(num_classes, conv):
     source = UViT(TINY_UVIT, img_size=16, patch_size=2, in_channels=4, num_classes=num_classes, conv=conv)
     source.init_weights()
     official = {k: v + 0.02 * torch.randn_like(v) for k, v in source.state_dict().items()}
-    converted, model_cfg, _ = convert_official(official)
+    converted, model_cfg, notes = convert_official(official)
     assert model_cfg['network']['num_classes'] == num_classes and model_cfg['network']['conv'] == conv
-    model_cfg['network']['arch']['num_heads'] = 4  # not stored in checkpoints; read off the width for official sizes
+    # not stored in checkpoints: 64 is no official width, so the head count was guessed and the notes say so
+    assert model_cfg['network']['arch']['num_heads'] == 1 and 'num_heads=1 was inferred' in notes[0]
+    converted, model_cfg, notes = convert_official(official, num_heads=4)
+    assert model_cfg['network']['arch']['num_heads'] == 4 and notes == []
     model = UViTDiffusion(**{k: v for k, v in model_cfg.items() if k != 'type'})
     model.load_state_dict(converted)
     x = torch.randn(3, 4, 16, 16)

@@ -19,7 +19,7 @@ from torchvision.utils import save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from sparsevit_mm.apis import init_model  # noqa: E402
-from sparsevit_mm.utils.checkpoint import load_checkpoint_file  # noqa: E402
+from sparsevit_mm.utils.checkpoint import load_checkpoint_file, load_weights  # noqa: E402
 
 
 def load_ema_weights(model, checkpoint_path: str) -> bool:
@@ -29,7 +29,7 @@ def load_ema_weights(model, checkpoint_path: str) -> bool:
     if not ema:
         return False
     state = {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}
-    model.load_state_dict(state, strict=True)
+    load_weights(model, state, source=f'{checkpoint_path} (EMA weights)')
     return True
 
 

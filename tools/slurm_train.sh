@@ -12,7 +12,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# The project's environment, as tools/dist_train.sh (python3 on PATH only without one).
+PY="${VIRTUAL_ENV:-$ROOT/.venv}/bin/python"
+[ -x "$PY" ] || PY=python3
 # mmengine's slurm launcher reads SLURM_PROCID / SLURM_NTASKS / SLURM_NODELIST and sets up the process group.
 PYTHONPATH="$ROOT:${PYTHONPATH:-}" srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" \
     --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 \
-    $SRUN_ARGS python -u "$ROOT/tools/train.py" "$CONFIG" --work-dir="$WORK_DIR" --launcher=slurm "$@"
+    $SRUN_ARGS "$PY" -u "$ROOT/tools/train.py" "$CONFIG" --work-dir="$WORK_DIR" --launcher=slurm "$@"

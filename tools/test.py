@@ -15,8 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
-from sparsevit_mm.utils.setup_env import (build_runner, common_dataloader_defaults, load_config,  # noqa: E402
-                                          setup_launcher, teardown_distributed)
+from sparsevit_mm.utils.setup_env import (add_checkpoint_layout_hook, build_runner,  # noqa: E402
+                                          common_dataloader_defaults, load_config, setup_launcher,
+                                          teardown_distributed)
 
 
 def parse_args(argv=None):
@@ -37,6 +38,7 @@ def main(argv=None):
         raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = args.checkpoint
+    add_checkpoint_layout_hook(cfg)  # official / other layouts are converted; a misfit is an error, not a warning
     if cfg.get('test_dataloader') is None or cfg.get('test_evaluator') is None:
         raise ValueError(f'{args.config} has no test_dataloader / test_evaluator to evaluate with')
     if args.out:

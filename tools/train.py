@@ -13,9 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
-from sparsevit_mm.utils.setup_env import (add_keep_ratio_loss_hook, build_runner,  # noqa: E402
-                                          common_dataloader_defaults, enable_amp, load_config, parse_resume,
-                                          setup_launcher, teardown_distributed)
+from sparsevit_mm.utils.setup_env import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
+                                          add_random_state_hook, build_runner, common_dataloader_defaults,
+                                          enable_amp, load_config, parse_resume, setup_launcher,
+                                          teardown_distributed)
 
 
 def parse_args(argv=None):
@@ -47,6 +48,8 @@ def main(argv=None):
             raise ValueError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     add_keep_ratio_loss_hook(cfg)  # the backbone's keep-ratio loss reaches the detector / segmentor loss dict
+    add_random_state_hook(cfg)  # RNG states in checkpoints: resuming is bit-identical to not stopping
+    add_checkpoint_layout_hook(cfg)  # load_from / resume: any supported layout, misfits refused
     parse_resume(cfg, args.resume)
     common_dataloader_defaults(cfg)
     setup_launcher(cfg, args.launcher)

@@ -23,6 +23,10 @@ param_scheduler = [
     dict(type='ConstantLR', factor=1.0, by_epoch=True, begin=300, end=310),
 ]
 train_cfg = dict(by_epoch=True, max_epochs=310, val_interval=10)
-custom_hooks = [dict(type='EMAHook', momentum=4e-5, priority='ABOVE_NORMAL')]
+custom_hooks = [
+    dict(type='EMAHook', momentum=4e-5, priority='ABOVE_NORMAL'),
+    dict(type='RandomStateHook'),  # RNG states in checkpoints: resuming is bit-identical
+    dict(type='CheckpointLayoutHook'),  # load_from / resume: any supported layout, misfits refused
+]
 val_evaluator = [dict(type='Accuracy', topk=(1, 5)), dict(type='EarlyExitMetric')]
 test_evaluator = val_evaluator

@@ -43,5 +43,7 @@ train_cfg = dict(by_epoch=True, max_epochs=120, val_interval=1)
 custom_hooks = [
     dict(type='FreezeBackboneHook', epochs=5),
     dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),
+    dict(type='RandomStateHook'),  # RNG states in checkpoints: resuming is bit-identical
+    dict(type='CheckpointLayoutHook'),  # load_from / resume: any supported layout, misfits refused
 ]
 auto_scale_lr = dict(base_batch_size=4096)

@@ -16,7 +16,11 @@ val_evaluator = None
 test_cfg = None
 test_dataloader = None
 test_evaluator = None
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, update_buffers=False, priority='ABOVE_NORMAL')]
+custom_hooks = [
+    dict(type='EMAHook', momentum=1e-4, update_buffers=False, priority='ABOVE_NORMAL'),
+    dict(type='RandomStateHook'),  # RNG states in checkpoints: resuming is bit-identical
+    dict(type='CheckpointLayoutHook'),  # load_from / resume: any supported layout, misfits refused
+]
 default_hooks = dict(logger=dict(interval=100),
                      checkpoint=dict(type='CheckpointHook', interval=50000, by_epoch=False, max_keep_ckpts=3))
 log_processor = dict(by_epoch=False)

@@ -14,4 +14,4 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         gap_before_final_norm=False,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
-custom_hooks = [dict(type='KeepRatioLossHook')]
+custom_hooks = [dict(type='KeepRatioLossHook'), dict(type='RandomStateHook'), dict(type='CheckpointLayoutHook')]

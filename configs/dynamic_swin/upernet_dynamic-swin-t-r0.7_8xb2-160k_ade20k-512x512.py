@@ -12,4 +12,4 @@ model = dict(
         drop_path_rate=0.3,
         out_indices=(0, 1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
-custom_hooks = [dict(type='KeepRatioLossHook')]
+custom_hooks = [dict(type='KeepRatioLossHook'), dict(type='RandomStateHook'), dict(type='CheckpointLayoutHook')]

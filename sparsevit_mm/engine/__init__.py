@@ -1,3 +1,4 @@
-from .hooks import FreezeBackboneHook, KeepRatioLossHook
+from .hooks import CheckpointLayoutHook, FreezeBackboneHook, KeepRatioLossHook
+from .random_state import RandomStateHook
 
-__all__ = ['FreezeBackboneHook', 'KeepRatioLossHook']
+__all__ = ['CheckpointLayoutHook', 'FreezeBackboneHook', 'KeepRatioLossHook', 'RandomStateHook']

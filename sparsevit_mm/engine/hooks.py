@@ -3,8 +3,10 @@ from typing import Optional, Sequence
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from ..layers import keep_ratio_terms
+from ..utils.checkpoint import CheckpointMismatchError, check_fit, convert_for_model
 
 
 class FreezeBackboneHook(Hook):
@@ -103,3 +105,33 @@ class KeepRatioLossHook(Hook):
 
         model.loss = loss_with_keep_ratio
         model._keep_ratio_loss_wrapped = True
+
+
+class CheckpointLayoutHook(Hook):
+    """Converts a checkpoint of any supported layout as the runner loads it, and refuses one that does not fit.
+
+    mmengine's ``load_from`` / ``resume`` (what ``tools/test.py CONFIG CKPT`` uses) only warn about missing,
+    unexpected or mis-shaped keys and then run with random weights. Before the runner puts the weights into the
+    model, this hook converts them (official DynamicViT / DeiT / timm / LV-ViT / Swin / ConvNeXt / DVT / U-ViT
+    files, mmpretrain / mmdet / mmseg checkpoints, ours) to the model's keys, checks them strictly (only the groups
+    the model declares optional, such as a dense checkpoint's score predictors, may be absent), and leaves them
+    under ``checkpoint['state_dict']``, where mmengine and the EMA hooks read them. A misfit raises
+    :class:`~sparsevit_mm.utils.CheckpointMismatchError` naming the file and the keys, so the tool exits non-zero.
+
+    Our ``tools/train.py`` / ``tools/test.py`` add it to every config; with the frameworks' own tools add
+    ``dict(type='CheckpointLayoutHook')`` to ``custom_hooks`` (our configs do). It runs before every other hook
+    that reads the loaded checkpoint (priority VERY_HIGH; mmpretrain's EMAHook is ABOVE_NORMAL).
+    """
+    priority = 'VERY_HIGH'
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        source = runner._load_from or (find_latest_checkpoint(runner.work_dir) if runner._resume else None)
+        source = source or 'the checkpoint'
+        try:
+            state_dict = convert_for_model(model, checkpoint)
+            check_fit(model, state_dict, source)
+        except CheckpointMismatchError as error:
+            message = str(error)
+            raise CheckpointMismatchError(message if source in message else f'{source}: {message}') from None
+        checkpoint['state_dict'] = state_dict

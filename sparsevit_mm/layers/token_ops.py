@@ -21,7 +21,8 @@ def batch_gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Select ``index`` (B, K) from ``tokens`` (B, N, C) per sample -> (B, K, C)."""
     batch, num_tokens, channels = tokens.shape
     rows = flat_rows(index, num_tokens)
-    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
+    # K from the index, not -1: an empty batch (B = 0) leaves -1 undetermined
+    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, index.shape[1], channels)
 
 
 def batch_scatter(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,13 @@ def stage_keep_ratios(keep_ratio: Union[float, Sequence[float]], num_stages: int
     else:
         raise ValueError(f"schedule must be 'geometric' or 'linear', got {schedule!r}")
     return check_keep_ratios(ratios)
+
+
+def default_prune_layers(depth: int, num_stages: int = 3) -> List[int]:
+    """Evenly spaced predictor positions in a sparse stage of ``depth`` blocks: 6 -> 1, 2, 3; 18 -> 2, 4, 6;
+    27 -> 3, 6, 9 (the official DynamicSwin / DynamicCNN settings)."""
+    stride = max(1, depth // 9)
+    return [stride * (s + 1) for s in range(num_stages)]
 
 
 def check_prune_layers(prune_layers: Sequence[int], depth: int, name: str = 'prune_layers') -> List[int]:

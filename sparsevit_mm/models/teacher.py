@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 from mmengine.config import ConfigDict
 from mmengine.logging import print_log
-from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
-from ..utils.checkpoint import CheckpointMismatchError, load_checkpoint_file, unwrap_state_dict
+from ..utils.checkpoint import load_weights
 
 
 class TeacherOutputs(NamedTuple):
@@ -60,13 +59,7 @@ class FrozenTeacher:
             print_log('the distillation teacher has no checkpoint: it stays randomly initialised', logger='current',
                       level=30)
         else:
-            from ..converters import adapt_state_dict
-            state_dict = adapt_state_dict(self.model, unwrap_state_dict(load_checkpoint_file(self.checkpoint)))
-            try:
-                _load_checkpoint_to_model(self.model, {'state_dict': state_dict}, strict=True)
-            except RuntimeError as error:
-                raise CheckpointMismatchError(f'teacher checkpoint {self.checkpoint} does not fit the teacher '
-                                              f'model: {error}') from error
+            load_weights(self.model, self.checkpoint, source=f'teacher checkpoint {self.checkpoint}')
         self.model.requires_grad_(False).eval()
         self._loaded = True
 

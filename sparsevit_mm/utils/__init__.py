@@ -1,5 +1,6 @@
-from .checkpoint import (CheckpointMismatchError, allow_mmengine_checkpoints, load_checkpoint_file,
-                         load_state_dict_checked, load_state_dict_file, unwrap_state_dict)
+from .checkpoint import (CheckpointLayoutMixin, CheckpointMismatchError, allow_mmengine_checkpoints, check_fit,
+                         convert_for_model, load_checkpoint_file, load_state_dict_file, load_weights,
+                         unwrap_state_dict)
 
-__all__ = ['CheckpointMismatchError', 'allow_mmengine_checkpoints', 'load_checkpoint_file', 'load_state_dict_checked',
-           'load_state_dict_file', 'unwrap_state_dict']
+__all__ = ['CheckpointLayoutMixin', 'CheckpointMismatchError', 'allow_mmengine_checkpoints', 'check_fit',
+           'convert_for_model', 'load_checkpoint_file', 'load_state_dict_file', 'load_weights', 'unwrap_state_dict']

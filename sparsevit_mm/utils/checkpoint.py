@@ -1,11 +1,23 @@
-"""Reading checkpoint files safely on torch >= 2.6 (``weights_only=True`` by default)."""
+"""Reading checkpoint files safely, and the one way weights get into a model: convert the layout, check the fit.
+
+Every route that loads weights (``init_cfg=dict(type='Pretrained')``, ``load_from`` / ``tools/test.py``, resume,
+the distillation teacher, ``apis.init_model``, the converter CLI) goes through :func:`convert_for_model` and
+:func:`check_fit`, or through :class:`CheckpointLayoutMixin`, which our modules use to convert and check whatever is
+loaded into them (also by mmengine's or torch's own loaders).
+"""
 import argparse
 import collections
+import os
+import pickle
 import re
-from typing import Dict, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+StateDict = Dict[str, torch.Tensor]
+# Keys a checkpoint may always lack: BatchNorm's counters (old checkpoints have none; torch fills them in).
+ALWAYS_OPTIONAL = (r'(^|\.)num_batches_tracked$', )
 
 
 class CheckpointMismatchError(ValueError):
@@ -26,7 +38,8 @@ def safe_checkpoint_globals() -> list:
     multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
     types = [HistoryBuffer, getattr, argparse.Namespace, collections.OrderedDict, np.ndarray, np.dtype,
              multiarray._reconstruct, multiarray.scalar]
-    types += [type(np.dtype(name)) for name in ('float64', 'float32', 'float16', 'int64', 'int32', 'bool', 'uint8')]
+    types += [type(np.dtype(name)) for name in ('float64', 'float32', 'float16', 'int64', 'int32', 'uint32', 'bool',
+                                                'uint8')]
     return types
 
 
@@ -36,57 +49,242 @@ def allow_mmengine_checkpoints():
 
 
 def load_checkpoint_file(path: str, map_location='cpu'):
-    """``torch.load`` with the safe loader and the allow-list above."""
+    """``torch.load`` with the safe loader and the allow-list above; a file that is no checkpoint is a clear error."""
     # Only add what is not registered yet: leaving the context removes its globals, even ones that
     # allow_mmengine_checkpoints() had registered for the whole process.
     registered = set(torch.serialization.get_safe_globals())
     missing = [g for g in safe_checkpoint_globals() if g not in registered]
-    with torch.serialization.safe_globals(missing):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(path, (str, os.PathLike)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint {path} does not exist')
+        with open(path, 'rb') as f:
+            magic = f.read(2)
+        # torch.save writes a zip archive (PK), older torch a pickle (protocol >= 2 starts with 0x80)
+        if magic != b'PK' and magic[:1] != b'\x80':
+            raise CheckpointMismatchError(f'{path} is not a checkpoint: torch.save writes a zip archive (or, before '
+                                          f'torch 1.6, a pickle); this file starts with {magic!r}')
+    try:
+        with torch.serialization.safe_globals(missing):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, IndexError, KeyError, ValueError, UnicodeDecodeError,
+            AttributeError) as error:
+        if 'Unsupported global' in str(error):
+            raise CheckpointMismatchError(f'{path}: torch\'s safe loader refused it: {error}') from error
+        raise CheckpointMismatchError(
+            f'{path} is not a checkpoint torch can read (expected a file written by torch.save, e.g. a .pth); '
+            f'reading it failed with {type(error).__name__}: {error}') from error
 
 
-def unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
-    """The model weights inside a checkpoint: mmengine's ``state_dict``, the official ``model``, or the dict itself."""
+def unwrap_state_dict(checkpoint) -> StateDict:
+    """The model weights inside a checkpoint: mmengine's ``state_dict``, the official ``model``, or the dict itself.
+
+    DDP's ``module.`` prefix is removed.
+    """
+    state_dict = None
     if isinstance(checkpoint, dict):
         for key in ('state_dict', 'model', 'model_state_dict', 'module'):
             if key in checkpoint and isinstance(checkpoint[key], dict):
-                return dict(checkpoint[key])
-        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return dict(checkpoint)
-    raise CheckpointMismatchError(
-        'could not find model weights in the checkpoint: expected a state dict, or a dict with one under '
-        f"'state_dict' / 'model' / 'model_state_dict'; top-level keys: {list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
-
-
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
-    """The (unwrapped) model weights of a checkpoint file; ``module.`` prefixes from DDP are removed."""
-    state_dict = unwrap_state_dict(load_checkpoint_file(path))
+                state_dict = dict(checkpoint[key])
+                break
+        else:
+            if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+                state_dict = dict(checkpoint)
+    if state_dict is None:
+        found = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointMismatchError(
+            'could not find model weights in the checkpoint: expected a state dict, or a dict with one under '
+            f"'state_dict' / 'model' / 'model_state_dict' / 'module'; found {found}")
     if state_dict and all(k.startswith('module.') for k in state_dict):
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
     return state_dict
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict',
-                            optional_groups: Sequence[str] = ()) -> list:
-    """``load_state_dict`` that refuses weights that do not fit, naming the missing / unexpected / mis-shaped keys.
+def load_state_dict_file(path: str) -> StateDict:
+    """The (unwrapped) model weights of a checkpoint file."""
+    return unwrap_state_dict(load_checkpoint_file(path))
 
-    ``optional_groups`` are regular expressions; a group of parameters matching one may be absent from the
-    checkpoint as a whole (e.g. score predictors when initialising from a dense checkpoint): those keep their
-    current values. A group that is partly present must be complete. Returns the absent groups.
+
+def select_prefix(state_dict: StateDict, prefix: Optional[str], source: str = 'the checkpoint') -> StateDict:
+    """The keys under ``prefix`` with the prefix removed (``prefix`` None or '' keeps everything)."""
+    if not prefix:
+        return dict(state_dict)
+    prefix = prefix if prefix.endswith('.') else prefix + '.'
+    selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not selected:
+        raise CheckpointMismatchError(f'no key of {source} starts with the prefix {prefix!r}; its keys start with '
+                                      f'{sorted({k.split(".")[0] for k in state_dict})}')
+    return selected
+
+
+# --------------------------------------------------------------------------------------------- layouts and fit
+class CheckpointLayoutMixin:
+    """For our ``nn.Module`` classes: whatever is loaded into them is converted to their layout and must fit.
+
+    Subclasses define ``convert_checkpoint(state_dict, checkpoint=None)`` (their own keys, no prefix, from any
+    layout they support; ``checkpoint`` is the whole file's dict when the caller has it) and
+    ``optional_checkpoint_groups`` (regular expressions, relative to the module, of parameter groups a checkpoint
+    may lack as a whole, e.g. score predictors that a dense checkpoint never had). ``resizable_checkpoint_keys``
+    names buffers that take the checkpoint's shape.
+
+    The check runs in ``_load_from_state_dict``, torch's hook for modules that read other layouts, so it applies to
+    every loader (torch's ``load_state_dict``, mmengine's ``load_checkpoint``, ``init_cfg``, EMA copies, resume):
+    keys of another layout are converted in place, and missing, unexpected or mis-shaped keys raise
+    :class:`CheckpointMismatchError` naming them.
     """
-    own = module.state_dict()
-    absent = [g for g in optional_groups if not any(re.search(g, k) for k in state_dict)]
-    missing = [k for k in own if k not in state_dict and not any(re.search(g, k) for g in absent)]
+    optional_checkpoint_groups: Tuple[str, ...] = ()
+    resizable_checkpoint_keys: Tuple[str, ...] = ()
+
+    def convert_checkpoint(self, state_dict: StateDict, checkpoint: Optional[dict] = None) -> StateDict:
+        return dict(state_dict)
+
+    def adopt_checkpoint_layout(self, state_dict: dict, prefix: str) -> StateDict:
+        """Convert the keys under ``prefix`` of ``state_dict`` to this module's layout, in place; returns them."""
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not own:
+            return own
+        converted = self.convert_checkpoint(own)
+        if converted.keys() != own.keys() or any(converted[k] is not v for k, v in own.items()):
+            for key in own:
+                del state_dict[prefix + key]
+            state_dict.update({prefix + k: v for k, v in converted.items()})
+        return converted
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torch and mmengine load a module before its children, so an enclosing module of ours has already converted
+        # and checked these keys, with every optional group of its subtree (which may cover parts of this one)
+        if not self.__dict__.pop('_checkpoint_checked_by_parent', False):
+            converted = self.adopt_checkpoint_layout(state_dict, prefix)
+            if converted:  # an empty subtree is left to the caller's own strictness (e.g. a head-only load)
+                check_fit(self, converted, f'the checkpoint (at {prefix!r})' if prefix else 'the checkpoint')
+                for module in self.modules():
+                    if module is not self and isinstance(module, CheckpointLayoutMixin):
+                        module.__dict__['_checkpoint_checked_by_parent'] = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _outermost_layout_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the submodules of ours (CheckpointLayoutMixin) not nested in another one of ours."""
+    found = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, CheckpointLayoutMixin) and \
+                not any(name.startswith(outer + '.') for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
+def optional_groups(model: nn.Module) -> List[Tuple[str, str]]:
+    """(prefix, pattern) of every parameter group of ``model`` a checkpoint may lack as a whole."""
+    groups = [('', pattern) for pattern in ALWAYS_OPTIONAL]
+    for name, module in model.named_modules():
+        for pattern in getattr(module, 'optional_checkpoint_groups', ()):
+            groups.append((f'{name}.' if name else '', pattern))
+    return groups
+
+
+def _in_group(key: str, group: Tuple[str, str]) -> bool:
+    prefix, pattern = group
+    return key.startswith(prefix) and re.search(pattern, key[len(prefix):]) is not None
+
+
+# official / timm classifiers name their heads so; mmpretrain heads hold the same Linear under these names
+_OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.')
+_HEAD_LAYOUTS = (  # (a key of the model's head, official prefix -> ours)
+    ('head.cls_fc.weight', {'head.': 'head.cls_fc.', 'aux_head.': 'head.token_fc.'}),  # TokenLabelingClsHead
+    ('head.layers.head.weight', {'head.': 'head.layers.head.'}),  # VisionTransformerClsHead
+    ('head.fc.weight', {'head.': 'head.fc.'}),  # LinearClsHead
+)
+
+
+def _official_classifier_to_model(model: nn.Module, state_dict: StateDict) -> StateDict:
+    """An official / timm classifier (backbone keys at the top, ``head.*``) -> ``backbone.*`` + the model's head."""
+    own = model.state_dict()
+    renames = next((layout for key, layout in _HEAD_LAYOUTS if key in own), {})
+    backbone, head = {}, {}
+    for key, value in state_dict.items():
+        official = next((p for p in _OFFICIAL_HEAD_PREFIXES if key.startswith(p)), None)
+        if official is None:
+            backbone[key] = value
+        else:
+            head[renames[official] + key[len(official):] if official in renames else key] = value
+    converted = {f'backbone.{k}': v for k, v in model.backbone.convert_checkpoint(backbone).items()}
+    return {**converted, **head}
+
+
+def convert_for_model(model: nn.Module, checkpoint: Union[dict, StateDict]) -> StateDict:
+    """A checkpoint of any supported layout -> ``model``'s keys (not yet checked: see :func:`check_fit`).
+
+    * a model of ours converts the whole checkpoint itself (DVT, U-ViT diffusion, backbones);
+    * a framework model (mmpretrain classifier, mmdet detector, mmseg segmentor) whose backbone is ours takes an
+      official / timm classifier checkpoint (no ``backbone.`` keys) as backbone + head, and otherwise has each
+      submodule of ours convert its own keys (mmpretrain ViT names, official Swin names, ...).
+    """
+    state_dict = unwrap_state_dict(checkpoint)
+    whole = checkpoint if isinstance(checkpoint, dict) else None
+    if isinstance(model, CheckpointLayoutMixin):
+        return model.convert_checkpoint(state_dict, whole)
+    if isinstance(getattr(model, 'backbone', None), CheckpointLayoutMixin) and \
+            not any(k.startswith('backbone.') for k in state_dict):
+        return _official_classifier_to_model(model, state_dict)
+    for name, module in _outermost_layout_modules(model):
+        module.adopt_checkpoint_layout(state_dict, f'{name}.')
+    return state_dict
+
+
+def check_fit(model: nn.Module, state_dict: StateDict, source: str = 'the checkpoint',
+              allow_absent: Iterable[str] = ()) -> List[str]:
+    """Refuse weights that do not fit ``model``, naming the missing / unexpected / mis-shaped keys.
+
+    The model's declared optional groups (see :class:`CheckpointLayoutMixin`) and ``allow_absent`` (regular
+    expressions on the model's keys, e.g. ``'^head\\.'`` when only a backbone initialises a classifier) may be
+    absent as a whole; a group that is partly present must be complete. Returns the absent groups' patterns.
+    """
+    own = model.state_dict()
+    groups = optional_groups(model) + [('', pattern) for pattern in allow_absent]
+    absent = [g for g in groups if any(_in_group(k, g) for k in own) and not any(_in_group(k, g) for k in state_dict)]
+    missing = [k for k in own if k not in state_dict and not any(_in_group(k, g) for g in absent)]
     unexpected = [k for k in state_dict if k not in own]
-    mis_shaped = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    resizable = {f'{name}.{key}' if name else key for name, module in model.named_modules()
+                 for key in getattr(module, 'resizable_checkpoint_keys', ())}
+    mis_shaped = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state_dict.items()
+                  if k in own and k not in resizable and tuple(v.shape) != tuple(own[k].shape)]
     if missing or unexpected or mis_shaped:
-        parts = [f'{source} does not fit {type(module).__name__}']
+        parts = [f'{source} does not fit {type(model).__name__}']
         for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
                             ('shape mismatches', mis_shaped)):
             if keys:
                 shown = ', '.join(keys[:20]) + (f', ... ({len(keys)} in all)' if len(keys) > 20 else '')
                 parts.append(f'{title}: {shown}')
         raise CheckpointMismatchError('; '.join(parts))
-    module.load_state_dict(state_dict, strict=False)
-    return [g for g in absent if any(re.search(g, k) for k in own)]
+    return sorted({(prefix + pattern.lstrip('^')) if prefix else pattern for prefix, pattern in absent
+                   if pattern not in ALWAYS_OPTIONAL})
+
+
+def load_weights(model: nn.Module, checkpoint: Union[str, dict], prefix: Optional[str] = None,
+                 allow_absent: Sequence[str] = (), source: Optional[str] = None) -> List[str]:
+    """The one way in: read ``checkpoint`` (a path or a loaded dict), convert it, check the fit, load it.
+
+    Args:
+        prefix: take only the keys under this prefix (e.g. ``'backbone.'`` of a detector checkpoint).
+        allow_absent: model keys the checkpoint may lack as a whole besides the declared optional groups.
+        source: how errors name the checkpoint (default: its path).
+    Returns the optional groups the checkpoint lacked (they keep their current values).
+    """
+    if isinstance(checkpoint, str):
+        source = source or checkpoint
+        checkpoint = load_checkpoint_file(checkpoint)
+    source = source or 'the checkpoint'
+    if prefix:
+        checkpoint = select_prefix(unwrap_state_dict(checkpoint), prefix, source)
+    try:
+        state_dict = convert_for_model(model, checkpoint)
+        absent = check_fit(model, state_dict, source, allow_absent)
+    except CheckpointMismatchError as error:
+        message = str(error)
+        raise CheckpointMismatchError(message if source in message else f'{source}: {message}') from None
+    model.load_state_dict(state_dict, strict=False)
+    if absent:
+        from mmengine.logging import print_log
+        print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')
+    return absent

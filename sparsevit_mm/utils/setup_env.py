@@ -124,11 +124,26 @@ def add_keep_ratio_loss_hook(cfg: Config) -> bool:
         return False
     if str(model.get('type', '')).split('.')[-1] == 'DynamicViTClassifier':
         return False
+    return add_custom_hook(cfg, 'KeepRatioLossHook')
+
+
+def add_custom_hook(cfg: Config, hook_type: str) -> bool:
+    """Append ``dict(type=hook_type)`` to ``cfg.custom_hooks`` unless such a hook is there; returns whether it was."""
     hooks = list(cfg.get('custom_hooks') or [])
-    if any(str(h.get('type', '')).split('.')[-1] == 'KeepRatioLossHook' for h in hooks):
+    if any(str(h.get('type', '')).split('.')[-1] == hook_type for h in hooks):
         return False
-    cfg.custom_hooks = hooks + [dict(type='KeepRatioLossHook')]
+    cfg.custom_hooks = hooks + [dict(type=hook_type)]
     return True
+
+
+def add_checkpoint_layout_hook(cfg: Config) -> bool:
+    """Add ``CheckpointLayoutHook``: ``load_from`` / resume convert any supported layout and refuse misfits."""
+    return add_custom_hook(cfg, 'CheckpointLayoutHook')
+
+
+def add_random_state_hook(cfg: Config) -> bool:
+    """Add ``RandomStateHook`` (RNG states in checkpoints: a resumed run is bit-identical) unless it is there."""
+    return add_custom_hook(cfg, 'RandomStateHook')
 
 
 def teardown_distributed():

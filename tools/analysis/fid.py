@@ -32,10 +32,10 @@ def load_inception(path: str, device: str) -> torch.nn.Module:
             'inception_v3 state dict (inception_v3_google-0cc3c7bd.pth); nothing is downloaded at run time')
     from torchvision.models import inception_v3
 
-    from sparsevit_mm.utils.checkpoint import load_checkpoint_file, load_state_dict_checked, unwrap_state_dict
+    from sparsevit_mm.utils.checkpoint import load_state_dict_file, load_weights
     model = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    state = {k: v for k, v in unwrap_state_dict(load_checkpoint_file(path)).items() if not k.startswith('AuxLogits.')}
-    load_state_dict_checked(model, state, path)
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith('AuxLogits.')}
+    load_weights(model, state, source=path)
     model.fc = torch.nn.Identity()
     return model.to(device).eval()
 

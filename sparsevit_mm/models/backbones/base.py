@@ -3,12 +3,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers import SlowFastRouting, num_kept, sample_keep_decision, split_by_score, stage_keep_ratios
-from ...utils.checkpoint import CheckpointMismatchError, load_state_dict_checked, load_state_dict_file
+from ...utils.checkpoint import CheckpointLayoutMixin, load_weights
 
 
 @dataclass
@@ -32,7 +31,7 @@ class TokenSparsityResult:
     grid: Tuple[int, int] = (0, 0)
 
 
-class SparseBackbone(BaseModule):
+class SparseBackbone(CheckpointLayoutMixin, BaseModule):
     """Base class of the dynamic backbones.
 
     Subclasses implement ``forward_sparse(images) -> TokenSparsityResult`` and keep ``stage_ratios`` (the target
@@ -41,13 +40,16 @@ class SparseBackbone(BaseModule):
     :class:`~sparsevit_mm.engine.KeepRatioLossHook`, which adds the keep-ratio loss to a detector's or segmentor's
     loss dict.
 
-    Subclasses define ``arch_zoo``, ``default_init()``, ``convert_checkpoint(state_dict)`` (any supported layout ->
-    this module's keys) and ``optional_checkpoint_groups`` (regular expressions of parameter groups a pretrained
-    checkpoint may lack as a whole, such as score predictors that a dense checkpoint never had).
+    Subclasses define ``arch_zoo``, ``default_init()``, ``convert_checkpoint(state_dict, checkpoint=None)`` (any
+    supported layout -> this module's keys) and ``optional_checkpoint_groups`` (regular expressions of parameter
+    groups a checkpoint may lack as a whole, such as score predictors that a dense checkpoint never had): see
+    :class:`~sparsevit_mm.utils.CheckpointLayoutMixin`, which converts and checks whatever is loaded into the
+    backbone, by any loader.
 
     ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None)`` is handled here instead of by mmengine's
     non-strict loader: the checkpoint is converted from whatever layout it has, and a checkpoint that does not fit
-    raises :class:`CheckpointMismatchError` naming the missing, unexpected and mis-shaped keys.
+    raises :class:`~sparsevit_mm.utils.CheckpointMismatchError` naming the file and the missing, unexpected and
+    mis-shaped keys.
     """
     arch_zoo: Dict[str, dict] = {}
     optional_checkpoint_groups: Tuple[str, ...] = ()
@@ -151,9 +153,6 @@ class SparseBackbone(BaseModule):
     def default_init(self):
         raise NotImplementedError
 
-    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return state_dict
-
     def init_weights(self):
         pretrained = self._pretrained_cfg()
         if pretrained is None and self.init_cfg is not None:
@@ -166,19 +165,8 @@ class SparseBackbone(BaseModule):
 
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None):
         """Load ``checkpoint`` (any supported layout), keeping only keys under ``prefix`` if given."""
-        state_dict = load_state_dict_file(checkpoint)
-        if prefix:
-            prefix = prefix if prefix.endswith('.') else prefix + '.'
-            selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            if not selected:
-                raise CheckpointMismatchError(
-                    f'no key of {checkpoint} starts with the prefix {prefix!r}; '
-                    f'its keys start with {sorted({k.split(".")[0] for k in state_dict})}')
-            state_dict = selected
-        self.load_checked(self.convert_checkpoint(state_dict), source=checkpoint)
+        load_weights(self, checkpoint, prefix)
 
     def load_checked(self, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict'):
-        """Load converted weights strictly (see :func:`load_state_dict_checked`)."""
-        absent = load_state_dict_checked(self, state_dict, source, self.optional_checkpoint_groups)
-        if absent:
-            print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')
+        """Load weights of any supported layout strictly (see :func:`~sparsevit_mm.utils.load_weights`)."""
+        load_weights(self, state_dict, source=source)

@@ -25,6 +25,7 @@ from mmengine.model import BaseModule
 from timm.layers import DropPath, Mlp
 
 from ...layers import init_vit_weights
+from ...utils.checkpoint import CheckpointLayoutMixin
 
 # first soft split (kernel, stride, padding) of the T2T tokenizer, and the patch embedding (kernel = stride,
 # padding) of the DeiT tokenizer, per token grid at 224 px
@@ -198,7 +199,7 @@ class ExitState(NamedTuple):
     grid: int
 
 
-class DVTExit(BaseModule):
+class DVTExit(CheckpointLayoutMixin, BaseModule):
     """One exit of DVT: a ViT on ``grid x grid`` tokens, optionally reusing the previous exit's features / relations.
 
     Args:

@@ -19,7 +19,7 @@ from mmengine.model import BaseModule
 from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 from mmpretrain.models.utils import LayerNorm2d
 
-from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers
+from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -73,9 +73,15 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
 class DynamicConvNeXt(SparseBackbone, ConvNeXt):
     """DynamicConvNeXt backbone for mmpretrain, mmdet and mmseg.
 
+    It takes mmpretrain's ``ConvNeXt`` arguments, so an upstream config (mmpretrain's, or mmdet's / mmseg's
+    ``type='mmpretrain.ConvNeXt'``) changes by ``type=`` (and ``keep_ratio``) alone; the ones the routing cannot keep
+    (``use_grn=True``, ``linear_pw_conv=False``, a norm other than ``LN2d``) are refused.
+
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with ``depths``, ``channels`` (and optionally
+        arch: ``'tiny'``, ``'small'``, ``'base'``, any other mmpretrain ConvNeXt size (``'atto'`` ... ``'xlarge'``,
+            predictors evenly spaced in stage 3), or a dict with ``depths``, ``channels`` (and optionally
             ``prune_layers``).
+        stem_patch_size / norm_cfg / act_cfg / linear_pw_conv / use_grn: as mmpretrain's ``ConvNeXt``.
         keep_ratio: base ratio r: predictor s sends ``r - 0.2 * s`` of the stage-3 positions to the slow path
             (0.7 -> 0.7 / 0.5 / 0.3); or one ratio per predictor. 1.0 makes the network dense.
         prune_layers: stage-3 blocks with a predictor in front (tiny: 1, 2, 3; small / base: 3, 6, 9).
@@ -94,8 +100,7 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
     sparse_stage = 2
     keep_ratio_schedule = 'linear'
     # Modules a dense ImageNet ConvNeXt checkpoint lacks: predictors, fast paths, and the extra output norms.
-    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path(_gamma)?(\.|$)',
-                                  r'^(backbone\.)?norm[0-2]\.')
+    optional_checkpoint_groups = (r'^score_predictors\.', r'\.fast_path(_gamma)?(\.|$)', r'^norm[0-2]\.')
     default_keep_ratio_weight = 10.0
     _default_init_cfg = [
         dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
@@ -107,6 +112,11 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
                  keep_ratio: Union[float, Sequence[float]] = 0.7,
                  prune_layers: Optional[Sequence[int]] = None,
                  in_channels: int = 3,
+                 stem_patch_size: int = 4,
+                 norm_cfg: dict = dict(type='LN2d', eps=1e-6),
+                 act_cfg: dict = dict(type='GELU'),
+                 linear_pw_conv: bool = True,
+                 use_grn: bool = False,
                  drop_path_rate: float = 0.0,
                  layer_scale_init_value: float = 1e-6,
                  out_indices: Union[int, Sequence[int]] = -1,
@@ -115,11 +125,24 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, list]] = None):
+        if isinstance(arch, str) and arch.lower() not in self.arch_zoo and arch.lower() in ConvNeXt.arch_settings:
+            arch = dict(ConvNeXt.arch_settings[arch.lower()])  # mmpretrain's other sizes (atto ... xlarge)
         settings = self.resolve_arch(arch, required=('depths', 'channels'))
         depths = list(settings['depths'])
         if len(depths) != 4:
             raise ValueError(f'DynamicConvNeXt needs 4 stages, got depths {depths}')
+        # Positions are routed as tokens through a channel LayerNorm and Linear layers: GRN (ConvNeXt V2) normalises
+        # over the whole map, and 1x1 convolutions / other norms would not be the same function on a subset.
+        if use_grn:
+            raise ValueError('use_grn=True (ConvNeXt V2) is not supported: GRN normalises over every position, '
+                             'which the slow / fast routing of positions cannot keep')
+        if not linear_pw_conv:
+            raise ValueError('linear_pw_conv=False is not supported: the routed MLP runs positions as tokens '
+                             'through Linear layers (the same weights as 1x1 convolutions: convert them instead)')
+        if dict(norm_cfg).get('type') != 'LN2d':
+            raise ValueError(f"norm_cfg must be dict(type='LN2d', eps=...) (ConvNeXt's LayerNorm), got {norm_cfg}")
         super().__init__(arch=dict(depths=depths, channels=list(settings['channels'])), in_channels=in_channels,
+                         stem_patch_size=stem_patch_size, norm_cfg=norm_cfg, act_cfg=act_cfg,
                          drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
                          out_indices=list(self.resolve_out_indices(out_indices, 4)), frozen_stages=frozen_stages,
                          gap_before_final_norm=gap_before_final_norm, with_cp=with_cp,
@@ -127,15 +150,17 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         self.arch_settings = settings
         self.norm_eval = norm_eval
         stage_depth = depths[self.sparse_stage]
-        self.prune_layers = check_prune_layers(
-            prune_layers if prune_layers is not None else settings.get('prune_layers', [1, 2, 3]), stage_depth)
+        if prune_layers is None:
+            prune_layers = settings.get('prune_layers', default_prune_layers(stage_depth))
+        self.prune_layers = check_prune_layers(prune_layers, stage_depth)
         channels = self.channels[self.sparse_stage]
         stage = self.stages[self.sparse_stage]
         for j in range(self.prune_layers[0], stage_depth):
             dense = stage[j]
             drop = dense.drop_path.drop_prob if hasattr(dense.drop_path, 'drop_prob') else 0.0
-            stage[j] = DynamicConvNeXtBlock(channels, layer_scale_init_value=layer_scale_init_value,
-                                            drop_path_rate=drop, with_cp=with_cp)
+            stage[j] = DynamicConvNeXtBlock(channels, norm_cfg=norm_cfg, act_cfg=act_cfg,
+                                            layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop,
+                                            with_cp=with_cp)
         self.score_predictors = nn.ModuleList(TokenScorePredictor(channels, norm_eps=1e-6) for _ in self.prune_layers)
         self.keep_ratio = keep_ratio
         self._freeze_stages()
@@ -148,7 +173,7 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         finally:
             self.init_cfg = saved
 
-    def convert_checkpoint(self, state_dict):
+    def convert_checkpoint(self, state_dict, checkpoint=None):
         from ...converters.hierarchical import convnext_to_backbone
         return convnext_to_backbone(state_dict, self.out_indices)
 

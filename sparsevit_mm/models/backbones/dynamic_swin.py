@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
 
-from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, flat_rows
+from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -124,17 +124,27 @@ def shift_mask(height: int, width: int, window: int, shift: int, device) -> torc
 class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
     """DynamicSwin backbone for mmdet, mmseg and mmpretrain.
 
+    It takes mmdet's / mmseg's ``SwinTransformer`` arguments, so an upstream config changes by ``type=`` (and
+    ``keep_ratio``) alone; arguments that would change nothing are refused (``use_abs_pos_embed=True``).
+
     Args:
         arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with ``embed_dims``, ``depths``, ``num_heads`` (and
-            optionally ``prune_layers``).
+            optionally ``prune_layers``). Or give ``embed_dims`` / ``depths`` / ``num_heads`` as mmdet does (the
+            missing ones take mmdet's defaults, Swin-T's); the default is ``'tiny'``.
         keep_ratio: base ratio r: predictor s sends ``r - 0.2 * s`` of the stage-3 positions to the slow path
             (0.7 -> 0.7 / 0.5 / 0.3); or one ratio per predictor. 1.0 makes the network dense.
         prune_layers: stage-3 blocks with a predictor in front (tiny: 1, 2, 3; small / base: 2, 4, 6).
         out_indices: stages whose (normed) maps are returned; (0, 1, 2, 3) for FPN / UperNet, (3, ) for
             classification.
-        window_size / mlp_ratio / patch_size / qkv_bias / drop_rate / attn_drop_rate / drop_path_rate /
-            frozen_stages / with_cp: as mmdet's ``SwinTransformer``. Any input size works (maps are padded to
-            window multiples, as in mmdet); inputs smaller than one window raise an error.
+        window_size / mlp_ratio / patch_size / strides / qkv_bias / qk_scale / patch_norm / drop_rate /
+            attn_drop_rate / drop_path_rate / act_cfg / norm_cfg / frozen_stages / with_cp: as mmdet's
+            ``SwinTransformer``. Any input size works (maps are padded to window multiples, as in mmdet); inputs
+            smaller than one window raise an error.
+        pretrain_img_size: as upstream, where it only sizes an absolute position embedding (which Swin configs
+            leave off): accepted, changes nothing.
+        convert_weights: mmdet's switch for official Swin checkpoints; here the layout is read off the checkpoint
+            either way, so both values load official, mmdet and mmpretrain checkpoints.
+        pretrained: deprecated (mmdet's): the same as ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
         pad_small_map: on a map no larger than one window, still shift (True: mmdet's Swin, for detection and
             segmentation) or not (False: the official Swin and mmpretrain's default, for classification at 224).
         norm_eval: keep BatchNorm layers in eval mode (Swin has none; accepted for mmdet / mmseg configs).
@@ -149,45 +159,81 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
     sparse_stage = 2
     keep_ratio_schedule = 'linear'
     # Modules a dense Swin checkpoint lacks: predictors, fast paths, the extra output norms, position indices.
-    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', r'\.fast_path\.', r'^(backbone\.)?norm[0-2]\.',
+    optional_checkpoint_groups = (r'^score_predictors\.', r'\.fast_path\.', r'^norm[0-2]\.',
                                   r'relative_position_index$')
     default_keep_ratio_weight = 10.0
 
     def __init__(self,
-                 arch: Union[str, dict] = 'tiny',
+                 arch: Union[None, str, dict] = None,
                  keep_ratio: Union[float, Sequence[float]] = 0.7,
                  prune_layers: Optional[Sequence[int]] = None,
+                 pretrain_img_size: Union[int, Sequence[int]] = 224,
                  in_channels: int = 3,
+                 embed_dims: Optional[int] = None,
                  patch_size: int = 4,
                  window_size: int = 7,
                  mlp_ratio: int = 4,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[Sequence[int]] = None,
+                 strides: Optional[Sequence[int]] = None,
                  out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
                  qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 patch_norm: bool = True,
                  drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1,
+                 use_abs_pos_embed: bool = False,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
                  frozen_stages: int = -1,
                  pad_small_map: bool = True,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 convert_weights: bool = True,
+                 pretrained: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
-        settings = self.resolve_arch(arch, required=('embed_dims', 'depths', 'num_heads'))
+        given = {k: v for k, v in dict(embed_dims=embed_dims, depths=depths, num_heads=num_heads).items()
+                 if v is not None}
+        if given and arch is not None:
+            raise ValueError(f'give arch={arch!r} or {sorted(given)} (as mmdet / mmseg configs do), not both')
+        if given:  # mmdet's / mmseg's SwinTransformer arguments, with their defaults
+            arch = dict(dict(embed_dims=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]), **given)
+            arch = self._zoo_entry(arch) or arch
+        settings = self.resolve_arch('tiny' if arch is None else arch, required=('embed_dims', 'depths', 'num_heads'))
         depths = list(settings['depths'])
-        if len(depths) != 4:
-            raise ValueError(f'DynamicSwinTransformer needs 4 stages, got depths {depths}')
-        super().__init__(in_channels=in_channels, embed_dims=settings['embed_dims'], patch_size=patch_size,
-                         window_size=window_size, mlp_ratio=mlp_ratio, depths=depths,
-                         num_heads=list(settings['num_heads']), strides=(patch_size, 2, 2, 2),
+        if len(depths) != 4 or len(settings['num_heads']) != 4:
+            raise ValueError(f'DynamicSwinTransformer needs 4 stages, got depths {depths} and num_heads '
+                             f'{list(settings["num_heads"])}')
+        if use_abs_pos_embed:
+            raise ValueError('use_abs_pos_embed=True is not supported: DynamicSwin (like the official Swin) has no '
+                             'absolute position embedding')
+        if not isinstance(pretrain_img_size, (int, tuple, list)):
+            raise TypeError(f'pretrain_img_size must be an int or a pair, got {pretrain_img_size!r}')
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError('give init_cfg or the deprecated pretrained, not both')
+            if not isinstance(pretrained, str):
+                raise TypeError(f'pretrained must be a checkpoint path, got {pretrained!r}')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        if not isinstance(convert_weights, bool):
+            raise TypeError(f'convert_weights must be True or False, got {convert_weights!r}')
+        strides = tuple(strides) if strides is not None else (patch_size, 2, 2, 2)
+        super().__init__(pretrain_img_size=pretrain_img_size, in_channels=in_channels,
+                         embed_dims=settings['embed_dims'], patch_size=patch_size, window_size=window_size,
+                         mlp_ratio=mlp_ratio, depths=depths, num_heads=list(settings['num_heads']), strides=strides,
                          out_indices=tuple(self.resolve_out_indices(out_indices, 4)), qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                         with_cp=with_cp, frozen_stages=frozen_stages, init_cfg=init_cfg)
+                         qk_scale=qk_scale, patch_norm=patch_norm, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, act_cfg=act_cfg,
+                         norm_cfg=norm_cfg, with_cp=with_cp, frozen_stages=frozen_stages, init_cfg=init_cfg)
         self.arch_settings = settings
         self.patch_size, self.window_size = patch_size, window_size
         self.norm_eval = norm_eval
         self.pad_small_map = pad_small_map
         stage_depth = depths[self.sparse_stage]
-        self.prune_layers = check_prune_layers(
-            prune_layers if prune_layers is not None else settings.get('prune_layers', [1, 2, 3]), stage_depth)
+        if prune_layers is None:
+            prune_layers = settings.get('prune_layers', default_prune_layers(stage_depth))
+        self.prune_layers = check_prune_layers(prune_layers, stage_depth)
         # Our block class everywhere (same parameters as mmdet's); fast paths from the first pruned block on.
         for i, stage in enumerate(self.stages):
             for j, dense in enumerate(stage.blocks):
@@ -195,11 +241,21 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
                 drop_path = dense.attn.drop.drop_prob if hasattr(dense.attn.drop, 'drop_prob') else 0.0
                 stage.blocks[j] = DynamicSwinBlock(
                     channels, settings['num_heads'][i], mlp_ratio * channels, window_size, shift=j % 2 == 1,
-                    qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path,
-                    with_cp=with_cp, with_fast_path=i == self.sparse_stage and j >= self.prune_layers[0])
+                    qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                    drop_path_rate=drop_path, act_cfg=act_cfg, norm_cfg=norm_cfg, with_cp=with_cp,
+                    with_fast_path=i == self.sparse_stage and j >= self.prune_layers[0])
         channels = self.num_features[self.sparse_stage]
         self.score_predictors = nn.ModuleList(TokenScorePredictor(channels) for _ in self.prune_layers)
         self.keep_ratio = keep_ratio
+
+    @classmethod
+    def _zoo_entry(cls, arch: dict) -> Optional[str]:
+        """The zoo name of an (embed_dims, depths, num_heads) triple (so it gets the zoo's prune_layers), or None."""
+        for name, settings in cls.arch_zoo.items():
+            if all(list(settings[k]) == list(arch[k]) if k != 'embed_dims' else settings[k] == arch[k]
+                   for k in ('embed_dims', 'depths', 'num_heads')):
+                return name
+        return None
 
     # ------------------------------------------------------------------------------------------------ weights
     def default_init(self):
@@ -209,7 +265,7 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         finally:
             self.init_cfg = saved
 
-    def convert_checkpoint(self, state_dict):
+    def convert_checkpoint(self, state_dict, checkpoint=None):
         from ...converters.hierarchical import swin_to_backbone
         return swin_to_backbone(state_dict, self.out_indices)
 

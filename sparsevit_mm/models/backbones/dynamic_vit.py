@@ -166,7 +166,7 @@ class DynamicViT(SparseBackbone):
     def default_init(self):
         init_vit_weights(self, self.pos_embed, self.cls_token)
 
-    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor], checkpoint=None) -> Dict[str, torch.Tensor]:
         from ...converters.dynamicvit import to_backbone_state_dict
         state_dict = to_backbone_state_dict(state_dict)
         if 'pos_embed' in state_dict and state_dict['pos_embed'].shape != self.pos_embed.shape:
@@ -176,7 +176,7 @@ class DynamicViT(SparseBackbone):
         return state_dict
 
     # A dense DeiT / LV-ViT checkpoint has no predictors; they keep their fresh init.
-    optional_checkpoint_groups = (r'^(backbone\.)?score_predictors\.', )
+    optional_checkpoint_groups = (r'^score_predictors\.', )
 
     def _freeze_stages(self):
         if self.frozen_stages <= 0:
@@ -293,4 +293,5 @@ class DynamicViT(SparseBackbone):
         patches = x[:, 1:]
         if kept is not None:
             patches = self.fill_back(dropped, kept, patches, grid[0] * grid[1])
-        return patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        # C spelled out, not -1: an empty batch (B = 0) leaves -1 undetermined
+        return patches.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)

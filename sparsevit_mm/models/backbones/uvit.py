@@ -16,6 +16,7 @@ from mmengine.model import BaseModule
 from timm.layers import Mlp
 
 from ...layers import init_vit_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, load_weights
 
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
 
@@ -89,7 +90,7 @@ class UViTPatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class UViT(BaseModule):
+class UViT(CheckpointLayoutMixin, BaseModule):
     """The U-ViT noise-prediction network: (x_t, timesteps[, labels]) -> predicted noise, same shape as x_t.
 
     Args:
@@ -213,7 +214,7 @@ class UViT(BaseModule):
         return self.final_layer(self.unpatchify(tokens[:, self.extras:]))
 
 
-class UViTBackbone(BaseModule):
+class UViTBackbone(CheckpointLayoutMixin, BaseModule):
     """U-ViT as a dense-prediction backbone (mmseg): images -> a simple 4-level feature pyramid.
 
     The transformer sees RGB patches with the time token at a fixed timestep and no label; its final tokens form a
@@ -244,18 +245,23 @@ class UViTBackbone(BaseModule):
             nn.MaxPool2d(2),
         ])
 
+    # A diffusion checkpoint brings the transformer blocks only (its patch embedding, head and size are its own);
+    # the pyramid starts fresh.
+    optional_checkpoint_groups = (r'^uvit\.(patch_embed|pos_embed|norm|decoder_pred|final_layer)\.', r'^pyramid\.')
+
+    def convert_checkpoint(self, state_dict, checkpoint=None):
+        """A U-ViT diffusion checkpoint (ours: ``network.*``; official: plain) -> ``uvit.`` blocks; ours unchanged."""
+        if any(k.startswith(('uvit.', 'pyramid.')) for k in state_dict):
+            return dict(state_dict)
+        network = {k[len('network.'):]: v for k, v in state_dict.items() if k.startswith('network.')} or state_dict
+        return {f'uvit.{k}': v for k, v in network.items()
+                if k.split('.')[0] in ('in_blocks', 'mid_block', 'out_blocks')}
+
     def init_weights(self):
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
             self.uvit.init_weights()
-            state = load_state_dict_file(cfg['checkpoint'])
-            prefix = cfg.get('prefix') or ('network.' if any(k.startswith('network.') for k in state) else '')
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            # A diffusion checkpoint has its own patch embedding, head and size: keep the transformer blocks.
-            state = {k: v for k, v in state.items() if k.split('.')[0] in ('in_blocks', 'mid_block', 'out_blocks')}
-            load_state_dict_checked(self.uvit, state, cfg['checkpoint'],
-                                    optional_groups=(r'^(patch_embed|pos_embed|norm|decoder_pred|final_layer)',))
+            load_weights(self, cfg['checkpoint'], cfg.get('prefix'))
             self._is_init = True
         else:
             super().init_weights()

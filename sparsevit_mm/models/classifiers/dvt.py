@@ -6,6 +6,7 @@ probability reaches ``thresholds[0]`` stop there, only the others run exit 2 (re
 relations, gathered for them), and so on. Thresholds come from the config, from a checkpoint (they are buffers of
 the model), or from a FLOPs budget and a fitted threshold table (``tools/analysis/dvt_thresholds.py``).
 """
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from mmpretrain.models.classifiers.base import BaseClassifier
 from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 from mmpretrain.structures import DataSample
 
+from ...utils.checkpoint import CheckpointLayoutMixin
 from ..backbones.dvt_exit import DVTExit, ExitState
 
 NO_EXIT = 1e8  # a threshold no confidence reaches
@@ -53,7 +55,7 @@ def fit_thresholds(confidences: torch.Tensor, fractions: Sequence[float]) -> Lis
     return thresholds + [-NO_EXIT]
 
 
-class DVT(BaseClassifier):
+class DVT(CheckpointLayoutMixin, BaseClassifier):
     """Dynamic Vision Transformer: a cascade of 7x7 / 10x10 / 14x14-token transformers with early exits.
 
     Args:
@@ -63,7 +65,8 @@ class DVT(BaseClassifier):
         thresholds: confidence thresholds of the exits (3 values, the last is ignored: everybody left exits
             there), or None to run the whole cascade. Saved with the model (a buffer).
         budget: a FLOPs budget (GFLOPs per image) that picks thresholds from the fitted ``threshold_table``
-            (loaded from a checkpoint; see ``tools/analysis/dvt_thresholds.py``).
+            (loaded from a checkpoint; see ``tools/analysis/dvt_thresholds.py``). Predicting with a budget but no
+            table is an error. Give thresholds or a budget, not both.
         feature_reuse / relation_reuse: the two reuse paths (on in the paper).
         drop_path_rate: stochastic depth of every exit.
         loss: the classification loss of each exit (mmpretrain loss config).
@@ -110,9 +113,18 @@ class DVT(BaseClassifier):
         self.register_buffer('exit_gflops', torch.zeros(3))
         self.register_buffer('threshold_table', torch.zeros(0, 3))
         self.register_buffer('threshold_table_gflops', torch.zeros(0))
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget > 0:
+                raise ValueError(f'budget must be a positive number of GFLOPs per image, got {budget!r}')
+            if thresholds is not None:
+                raise ValueError(f'give thresholds or a budget, not both (got thresholds={list(thresholds)} and '
+                                 f'budget={budget}): a budget picks the thresholds')
         # Thresholds or a budget given in the config win over those stored in a loaded checkpoint.
         self._configured_thresholds = thresholds
         self._budget = budget
+        # The table a budget needs usually comes with a checkpoint loaded after construction: until a table has
+        # picked the thresholds, the budget is pending and predicting refuses to run the whole cascade silently.
+        self._budget_pending = budget is not None
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
@@ -123,6 +135,7 @@ class DVT(BaseClassifier):
             raise ValueError(f'DVT needs {len(self.grids)} thresholds (one per exit; the last one only closes the '
                              f'cascade), got {len(thresholds)}: {thresholds}')
         self.thresholds.copy_(torch.tensor(thresholds))
+        self._budget_pending = False  # explicit thresholds replace a budget not yet applied
 
     def set_budget(self, gflops: float):
         """Use the fitted thresholds whose expected cost is the highest within ``gflops`` per image."""
@@ -152,9 +165,25 @@ class DVT(BaseClassifier):
             self.exit_gflops.copy_(torch.tensor(costs))
         return costs
 
+    # Fitted threshold tables differ in length from the empty defaults: they take the checkpoint's shape.
+    resizable_checkpoint_keys = ('threshold_table', 'threshold_table_gflops')
+
+    def convert_checkpoint(self, state_dict, checkpoint=None):
+        """Official DVT weights (``less_less_token.*`` ...; with the whole ``checkpoint``, also its exit costs and
+        threshold table) -> ours; ours pass unchanged."""
+        # the whole official file may arrive as the "state dict" (mmengine's loaders pass it on when it has no
+        # 'state_dict' entry)
+        whole = next((c for c in (checkpoint, state_dict) if isinstance(c, dict) and 'model_state_dict' in c),
+                     state_dict)
+        weights = whole.get('model_state_dict', whole)
+        if not any(k.startswith(('less_less_token.', 'module.less_less_token.')) for k in weights):
+            return dict(state_dict)
+        from ...converters.dvt import official_dvt_to_ours
+        return official_dvt_to_ours(whole)[0]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Fitted tables differ in length from the empty defaults: take the checkpoint's shape.
-        for name in ('threshold_table', 'threshold_table_gflops'):
+        self.adopt_checkpoint_layout(state_dict, prefix)
+        for name in self.resizable_checkpoint_keys:
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
@@ -162,7 +191,24 @@ class DVT(BaseClassifier):
         if self._configured_thresholds is not None:
             self.set_thresholds(self._configured_thresholds)
         elif self._budget is not None:
-            self.set_budget(self._budget)
+            # A checkpoint without a table (e.g. a training one, as dvt_thresholds.py loads) leaves the budget
+            # pending: the error comes only if the model predicts without a table.
+            self._budget_pending = True
+            if len(self.threshold_table):
+                self.set_budget(self._budget)
+
+    def _apply_pending_budget(self):
+        """Pick the thresholds of a configured budget before predicting; an error when there is no table."""
+        if not self._budget_pending:
+            return
+        if len(self.threshold_table) == 0:
+            raise ValueError(
+                f'DVT was given budget={self._budget} GFLOPs but has no fitted threshold table to pick thresholds '
+                'from (none came with the loaded checkpoint, or no checkpoint was loaded). Fit one with '
+                '`python tools/analysis/dvt_thresholds.py CONFIG CKPT --budgets '
+                f'{self._budget} --out fitted.pth` and test with fitted.pth, or give thresholds=[t1, t2, t3] '
+                'instead of the budget')
+        self.set_budget(self._budget)
 
     # ------------------------------------------------------------------------------------------ forward
     def cascade(self, inputs: torch.Tensor, num_exits: int = 3) -> List[torch.Tensor]:
@@ -204,6 +250,7 @@ class DVT(BaseClassifier):
 
         Only the samples still running enter exit k + 1; the reused features and relations are gathered for them.
         """
+        self._apply_pending_budget()
         batch = inputs.shape[0]
         logits = inputs.new_zeros(batch, self.num_classes)
         exit_of = torch.full((batch, ), len(self.exits) - 1, dtype=torch.long, device=inputs.device)
@@ -225,6 +272,7 @@ class DVT(BaseClassifier):
         return logits, exit_of
 
     def predict(self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None) -> List[DataSample]:
+        self._apply_pending_budget()
         if self.test_cfg['mode'] == 'anytime':
             all_logits = torch.stack(self.cascade(inputs), dim=1)  # (B, 3, num_classes)
             confidences = all_logits.softmax(-1).amax(-1)

@@ -2,13 +2,11 @@
 from typing import List, Optional, Union
 
 import torch
-from mmengine.logging import print_log
 from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.structures import DataSample
 
-from ...converters import adapt_state_dict
 from ...layers import keep_ratio_terms
-from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
+from ...utils.checkpoint import load_weights
 from ..losses import logit_distillation_loss, token_distillation_loss
 from ..teacher import FrozenTeacher, build_teacher
 
@@ -57,7 +55,8 @@ class DynamicViTClassifier(ImageClassifier):
         """Default init, then ``init_cfg=dict(type='Pretrained', checkpoint=...)`` of the whole classifier.
 
         The checkpoint may be ours or official (DeiT, LV-ViT, DynamicViT); it is converted and loaded strictly,
-        except that a dense checkpoint may lack the score predictors. Finally the teacher loads its weights.
+        except that a dense checkpoint may lack the score predictors and a backbone-only checkpoint the head (both
+        keep their initialisation). Finally the teacher loads its weights.
         """
         pretrained = self.init_cfg if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained' \
             else None
@@ -69,11 +68,7 @@ class DynamicViTClassifier(ImageClassifier):
                 super().init_weights()
             finally:
                 self.init_cfg = pretrained
-            path = pretrained['checkpoint']
-            state_dict = adapt_state_dict(self, load_state_dict_file(path))
-            absent = load_state_dict_checked(self, state_dict, path, self.backbone.optional_checkpoint_groups)
-            if absent:
-                print_log(f'{path}: no weights for {absent}; those keep their initialisation', logger='current')
+            load_weights(self, pretrained['checkpoint'], pretrained.get('prefix'), allow_absent=(r'^head\.', ))
         if self.teacher is not None:
             self.teacher.load()
 

@@ -47,12 +47,12 @@ class SDAutoencoder(nn.Module):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f'autoencoder checkpoint {checkpoint} does not exist; download Stable Diffusion\'s '
                                     'KL-f8 autoencoder (e.g. U-ViT\'s autoencoder_kl.pth) and give its local path')
-        from ...utils.checkpoint import load_state_dict_checked, load_state_dict_file
+        from ...utils.checkpoint import load_state_dict_file, load_weights
         state = load_state_dict_file(checkpoint)
         if any(k.startswith('encoder.down.') for k in state):  # the original LDM layout
             from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
             state = convert_ldm_vae_checkpoint(state, dict(self.model.config))
-        load_state_dict_checked(self.model, state, checkpoint)
+        load_weights(self.model, state, source=checkpoint)
 
     def __deepcopy__(self, memo):
         return self  # frozen: copies of the model (EMA) share it

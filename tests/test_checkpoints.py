@@ -1,0 +1,182 @@
+"""One way in for weights: every route converts the checkpoint's layout and refuses misfits, naming file and keys.
+
+Routes: tools/test.py (load_from), tools/train.py (load_from), apis.init_model, the distillation teacher,
+init_cfg, the frameworks' own loaders (mmengine's load_checkpoint, with no hook of ours), and the converter CLI.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsevit_mm.apis import build_model, init_model
+from sparsevit_mm.utils import CheckpointMismatchError
+
+from .helpers import REPO, TINY_ARCH, make_imagenet_folder, run_tool, tiny_classifier_config
+from .reference.official_vit import official_forward, random_official_state_dict
+
+EMA = "\ncustom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]\n"
+
+
+def official_tiny(seed=0, embed_dims=64, predictors=True, num_classes=2):
+    """An official-layout DynamicViT state dict of the tiny test arch (patch 8, 4x4 grid at 32 px)."""
+    sd = random_official_state_dict(embed_dims, 4, mlp_ratio=2.0, num_classes=num_classes, grid=4,
+                                    predictors=predictors, seed=seed)
+    sd['patch_embed.proj.weight'] = sd['patch_embed.proj.weight'][..., :8, :8].contiguous()
+    return sd
+
+
+def run_failing(*args):
+    """Run a repo script that must fail; returns its stdout + stderr."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0, f'{args} succeeded:\n{proc.stdout[-3000:]}'
+    return proc.stdout + proc.stderr
+
+
+def predictions(path):
+    with open(path, 'rb') as f:
+        return torch.stack([torch.as_tensor(sample['pred_score']) for sample in pickle.load(f)])
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('checkpoints')
+    data = make_imagenet_folder(root / 'data', num_classes=2, per_class=3)
+    config = root / 'tiny_ema.py'
+    config.write_text(tiny_classifier_config(data, root / 'work') + EMA)
+    return root, config
+
+
+def test_tools_test_takes_an_official_checkpoint_with_ema_hooks(setup):
+    root, config = setup
+    official, converted = root / 'official.pth', root / 'converted.pth'
+    torch.save({'model': official_tiny(), 'epoch': 29}, official)
+    out = run_tool('tools/model_converters/official_to_sparsevit.py', official, converted)
+    assert 'score predictors included' in out.stdout
+    outs = {}
+    for name, ckpt in (('official', official), ('converted', converted)):
+        run_tool('tools/test.py', config, ckpt, '--out', root / f'{name}.pkl')
+        outs[name] = predictions(root / f'{name}.pkl')
+    assert torch.equal(outs['official'], outs['converted'])
+    # the predictions are those of the weights: other official weights predict otherwise
+    torch.save({'model': official_tiny(seed=1)}, root / 'other.pth')
+    run_tool('tools/test.py', config, root / 'other.pth', '--out', root / 'other.pkl')
+    assert not torch.allclose(predictions(root / 'other.pkl'), outs['official'])
+
+
+def test_tools_refuse_a_checkpoint_of_another_family_or_width(setup, tmp_path):
+    root, config = setup
+    # a (tiny) DynamicSwin classifier checkpoint on the DynamicViT config
+    swin = build_model(dict(type='ImageClassifier', backbone=dict(
+        type='DynamicSwinTransformer', arch=dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8]),
+        prune_layers=[1], out_indices=(3, )), neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=2, in_channels=256)))
+    other_family = tmp_path / 'swin.pth'
+    torch.save({'state_dict': swin.state_dict(), 'meta': {}}, other_family)
+    text = run_failing('tools/test.py', config, other_family)
+    assert 'CheckpointMismatchError' in text and str(other_family) in text
+    assert 'backbone.blocks.0.attn.qkv.weight' in text and 'backbone.stages.0' in text  # missing, unexpected
+    # DeiT-tiny-like weights (another width) on the config's width
+    narrow = tmp_path / 'narrow.pth'
+    torch.save({'model': official_tiny(embed_dims=32)}, narrow)
+    text = run_failing('tools/test.py', config, narrow)
+    assert str(narrow) in text and 'shape mismatches' in text and 'backbone.cls_token: checkpoint (1, 1, 32)' in text
+    # tools/train.py with load_from refuses it before training
+    text = run_failing('tools/train.py', config, '--work-dir', tmp_path / 'work', '--cfg-options',
+                       f'load_from={narrow}')
+    assert str(narrow) in text and 'shape mismatches' in text
+    assert not list((tmp_path / 'work').glob('*.pth'))
+
+
+def test_init_model_takes_a_dense_timm_checkpoint_and_refuses_misfits(setup, tmp_path):
+    root, config = setup
+    dense = official_tiny(predictors=False)  # timm / DeiT layout: a plain state dict without score predictors
+    torch.save(dense, tmp_path / 'dense.pth')
+    model = init_model(str(config), str(tmp_path / 'dense.pth'))
+    assert torch.equal(model.backbone.blocks[1].mlp.fc1.weight, dense['blocks.1.mlp.fc1.weight'])
+    assert torch.equal(model.head.layers.head.weight, dense['head.weight'])
+    broken = {k: v for k, v in dense.items() if k != 'blocks.2.attn.proj.bias'}
+    torch.save(broken, tmp_path / 'broken.pth')
+    with pytest.raises(CheckpointMismatchError, match=r'broken\.pth.*missing keys: backbone\.blocks\.2\.attn\.proj'):
+        init_model(str(config), str(tmp_path / 'broken.pth'))
+
+
+def test_the_frameworks_own_loader_converts_and_refuses_misfits(tmp_path):
+    """mmengine's load_checkpoint (what mmdet's / mmseg's / mmpretrain's tools use) with no hook of ours."""
+    from mmengine.runner import load_checkpoint
+
+    from sparsevit_mm.utils.setup_env import read_config
+    model_cfg = read_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model
+    arch = dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
+    model_cfg.neck.in_channels = [32, 64, 128, 256]
+    model_cfg.backbone = dict(type='SwinTransformer', **arch)  # mmdet's own Swin Mask R-CNN
+    dense = build_model(model_cfg, scope='mmdet')
+    torch.save({'state_dict': dense.state_dict()}, tmp_path / 'mmdet_swin.pth')
+    model_cfg.backbone = dict(type='DynamicSwinTransformer', arch=arch, prune_layers=[1], keep_ratio=0.7)
+    ours = build_model(model_cfg, scope='mmdet')
+    load_checkpoint(ours, str(tmp_path / 'mmdet_swin.pth'))  # dense: predictors and fast paths keep their init
+    assert torch.equal(ours.backbone.stages[2].blocks[1].ffn.layers[0][0].weight,
+                       dense.backbone.stages[2].blocks[1].ffn.layers[0][0].weight)
+    model_cfg.backbone.arch = dict(arch, embed_dims=48)
+    model_cfg.neck.in_channels = [48, 96, 192, 384]
+    wider = build_model(model_cfg, scope='mmdet')
+    with pytest.raises(CheckpointMismatchError, match=r"at 'backbone\.'.*shape mismatches: patch_embed"):
+        load_checkpoint(wider, str(tmp_path / 'mmdet_swin.pth'))
+
+
+def test_teacher_and_init_cfg_routes(tmp_path):
+    narrow = tmp_path / 'narrow.pth'
+    torch.save({'model': official_tiny(embed_dims=32)}, narrow)
+    backbone = dict(type='DynamicViT', arch=TINY_ARCH, img_size=32, patch_size=8, prune_layers=[1, 2, 3])
+    head = dict(type='VisionTransformerClsHead', num_classes=2, in_channels=64)
+    student = build_model(dict(type='DynamicViTClassifier', backbone=backbone, head=head,
+                               teacher=dict(checkpoint=str(narrow))))
+    with pytest.raises(CheckpointMismatchError, match=r'teacher checkpoint .*narrow\.pth.*shape mismatches'):
+        student.init_weights()
+    # init_cfg of the classifier: a backbone-only checkpoint may leave the head to its initialisation
+    headless = {k: v for k, v in official_tiny().items() if not k.startswith('head.')}
+    torch.save(headless, tmp_path / 'headless.pth')
+    model = build_model(dict(type='DynamicViTClassifier', backbone=backbone, head=head,
+                             init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'headless.pth'))))
+    model.init_weights()
+    assert torch.equal(model.backbone.score_predictors[2].classifier[4].weight,
+                       headless['score_predictor.2.out_conv.4.weight'])
+
+
+def test_converter_asks_for_the_head_count(tmp_path):
+    sd = official_tiny(num_classes=3)
+    torch.save({'model': sd}, tmp_path / 'official.pth')
+    images = torch.randn(2, 3, 32, 32)
+    expected = official_forward(sd, images, num_heads=2, pruning_loc=(1, 2, 3), base_rate=0.7)
+
+    def converted_logits(*extra):
+        out = run_tool('tools/model_converters/official_to_sparsevit.py', tmp_path / 'official.pth',
+                       tmp_path / 'ours.pth', *extra)
+        checkpoint = torch.load(tmp_path / 'ours.pth')
+        model = build_model(checkpoint['meta']['model']).eval()
+        model.load_state_dict(checkpoint['state_dict'])
+        with torch.no_grad():
+            return model(images), out, checkpoint['meta']
+
+    logits, out, meta = converted_logits('--num-heads', 2)
+    assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+    assert meta['inferred'] == [] and 'warning' not in out.stderr
+    logits, out, meta = converted_logits()  # 64 channels: not an official width, so a guess (1 head), said aloud
+    assert 'warning' in out.stderr and 'num_heads=1 was inferred' in out.stderr and '--num-heads' in out.stderr
+    assert meta['inferred'] and meta['model']['backbone']['arch']['num_heads'] == 1
+    assert not torch.allclose(logits, expected, atol=1e-3)  # why it matters
+
+
+def test_converter_names_a_file_that_is_no_checkpoint(tmp_path):
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('not a checkpoint\n')
+    text = run_failing('tools/model_converters/official_to_sparsevit.py', notes, tmp_path / 'out.pth')
+    assert f'{notes} is not a checkpoint' in text and 'Traceback' not in text
+    broken = official_tiny()
+    broken.pop('blocks.2.mlp.fc2.weight')
+    torch.save({'model': broken}, tmp_path / 'broken.pth')
+    text = run_failing('tools/model_converters/official_to_sparsevit.py', tmp_path / 'broken.pth', tmp_path / 'o.pth')
+    assert 'missing keys: backbone.blocks.2.mlp.fc2.weight' in text and 'broken.pth' in text
