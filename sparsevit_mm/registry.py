@@ -10,7 +10,7 @@ import importlib
 from .engine import CheckpointLayoutHook, FreezeBackboneHook, KeepRatioLossHook, RandomStateHook
 from .evaluation import EarlyExitMetric
 from .models import (DVT, DVTExit, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, DynamicViTClassifier,
-                     TokenLabelingClsHead, UViT, UViTBackbone, UViTDiffusion)
+                     SimpleFeaturePyramid, TokenLabelingClsHead, UViT, UViTBackbone, UViTDiffusion)
 
 SPARSE_BACKBONES = [DynamicViT, DynamicSwinTransformer, DynamicConvNeXt]
 HOOKS = [CheckpointLayoutHook, FreezeBackboneHook, KeepRatioLossHook, RandomStateHook]
@@ -23,11 +23,11 @@ REGISTRATIONS = {
         'METRICS': [EarlyExitMetric],
     },
     'mmdet': {
-        'MODELS': SPARSE_BACKBONES,
+        'MODELS': [*SPARSE_BACKBONES, SimpleFeaturePyramid],
         'HOOKS': HOOKS,
     },
     'mmseg': {
-        'MODELS': [*SPARSE_BACKBONES, UViTBackbone],
+        'MODELS': [*SPARSE_BACKBONES, UViTBackbone, SimpleFeaturePyramid],
         'HOOKS': HOOKS,
     },
 }

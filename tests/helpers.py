@@ -325,3 +325,102 @@ default_hooks = dict(logger=dict(type='LoggerHook', interval=10),
 randomness = dict(seed=0)
 work_dir = {str(work_dir)!r}
 """
+
+
+def vit_detection_config(data_root, work_dir, max_iters=4, keep_ratio=0.7):
+    """mmdet's Mask R-CNN R-50 1x config with a tiny DynamicViT + SimpleFeaturePyramid on :func:`make_coco` data.
+
+    The config text mirrors configs/dynamicvit/mask-rcnn_dynamicvit-deit-small-r0.7_simple-fpn_1x_coco.py with a
+    64-channel, 4-block ViT (patch 16, one stride-16 map) and 96x128 images padded to multiples of 32.
+    """
+    return f"""
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
+custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
+model = dict(
+    data_preprocessor=dict(pad_size_divisor=32),
+    backbone=dict(_delete_=True, type='DynamicViT', arch={TINY_ARCH!r}, img_size=64, patch_size=16,
+                  keep_ratio={keep_ratio}, prune_layers=[1, 2, 3], out_type='featmap', out_indices=(3,)),
+    neck=dict(_delete_=True, type='SimpleFeaturePyramid', in_channels=64, out_channels=256, num_outs=5),
+    roi_head=dict(bbox_head=dict(num_classes=2), mask_head=dict(num_classes=2)))
+metainfo = dict(classes=('box', 'blob'))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='PackDetInputs')]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
+dataset = dict(type='CocoDataset', data_root={str(data_root)!r}, ann_file='annotations.json', metainfo=metainfo,
+               data_prefix=dict(img='images/'))
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                        sampler=dict(type='InfiniteSampler', shuffle=True), batch_sampler=None,
+                        dataset=dict(dataset, pipeline=train_pipeline, filter_cfg=dict(filter_empty_gt=True)))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+                      dataset=dict(dataset, pipeline=test_pipeline, test_mode=True))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='CocoMetric', ann_file={str(Path(data_root) / 'annotations.json')!r},
+                     metric=['bbox', 'segm'])
+test_evaluator = val_evaluator
+optim_wrapper = dict(
+    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=0.1),
+    paramwise_cfg=dict(custom_keys={{'pos_embed': dict(decay_mult=0.0), 'cls_token': dict(decay_mult=0.0)}}))
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+log_processor = dict(by_epoch=False)
+work_dir = {str(work_dir)!r}
+"""
+
+
+def vit_segmentation_config(kind, data_root, work_dir, max_iters=4, keep_ratio=0.7):
+    """mmseg's DeiT-S UperNet (``kind='upernet'``) or Segmenter-S (``'segmenter'``) 160k ADE20K config with a tiny
+    DynamicViT (64 channels, 4 blocks, patch 16) on :func:`make_ade` data (config text).
+
+    Mirrors configs/dynamicvit/{upernet,segmenter}_dynamicvit-deit-small-r0.7_*.py: UperNet takes every block's
+    map through mmseg's MultiLevelNeck, Segmenter the last block's (final norm on).
+    """
+    common = dict(type='DynamicViT', arch=TINY_ARCH, img_size=64, patch_size=16, keep_ratio=keep_ratio,
+                  prune_layers=[1, 2, 3], out_type='featmap')
+    if kind == 'upernet':
+        base = 'mmseg::vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py'
+        heads = f"""
+    backbone=dict(_delete_=True, **{dict(common, out_indices=(0, 1, 2, 3), final_norm=False)!r}),
+    neck=dict(type='MultiLevelNeck', in_channels=[64, 64, 64, 64], out_channels=64, scales=[4, 2, 1, 0.5]),
+    decode_head=dict(in_channels=[64, 64, 64, 64], channels=32, num_classes=3),
+    auxiliary_head=dict(in_channels=64, channels=32, num_classes=3))"""
+    elif kind == 'segmenter':
+        base = 'mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py'
+        heads = f"""
+    backbone=dict(_delete_=True, **{dict(common, out_indices=-1, final_norm=True)!r}),
+    decode_head=dict(in_channels=64, channels=64, embed_dims=64, num_heads=4, num_layers=1, num_classes=3))"""
+    else:
+        raise ValueError(f"kind must be 'upernet' or 'segmenter', got {kind!r}")
+    return f"""
+_base_ = [{base!r}]
+custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
+crop_size = (64, 64)
+model = dict(
+    data_preprocessor=dict(size=crop_size, test_cfg=dict(size_divisor=16)),
+    pretrained=None,{heads}
+metainfo = dict(classes=('bright', 'dark', 'background'), palette=[[255, 255, 255], [0, 0, 0], [128, 128, 128]])
+pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs')]
+dataset = dict(type='BaseSegDataset', img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
+               data_root={str(data_root)!r}, metainfo=metainfo, pipeline=pipeline)
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(dataset, data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
+val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(dataset, data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
+test_dataloader = val_dataloader
+train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+work_dir = {str(work_dir)!r}
+"""

@@ -113,7 +113,7 @@ def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
 def test_benchmark_times_a_detector_backbone_side_by_side():
     config = 'configs/dynamic_convnext/mask-rcnn_dynamic-convnext-t-r0.7_fpn_1x_coco.py'
     out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2',
-                   '--iters', '1', '--warmup', '0', '--breakdown')
+                   '--iters', '1', '--warmup', '0', '--breakdown', '--backbone-only')
     assert 'DynamicConvNeXt (backbone), batch 1, 128x192' in out.stdout
     assert re.search(r'0\.700 \|\s+[\d.]+ \|\s+[\d.]+ \|\s+[\d.]+x \|\s+[\d.]+-[\d.]+\s*x \|\s+1\.\d\dx \|\s+-?\d+%',
                      out.stdout)
@@ -127,3 +127,18 @@ def test_benchmark_times_a_detector_backbone_side_by_side():
     assert re.search(r'^\s*fast paths \|\s+- .* \|\s+[\d.]+\s+[\d.]+', out.stdout, re.M)
     assert re.search(r'keep 0\.70 would run [\d.]+x faster \(FLOPs allow 1\.\d\dx, -?\d+% of the FLOPs-allowed gain\)',
                      out.stdout)
+
+
+def test_benchmark_times_the_whole_segmentor_side_by_side():
+    """On a segmentation config: the whole test_step, both settings' whole-model GFLOPs, the backbone's share."""
+    config = 'configs/dynamic_swin/upernet_dynamic-swin-t-r0.7_8xb2-160k_ade20k-512x512.py'
+    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '128', '--rounds', '2',
+                   '--iters', '1', '--warmup', '0')
+    assert 'EncoderDecoder with DynamicSwinTransformer (whole model: test_step), batch 1, 128x128' in out.stdout
+    rows = {float(ratio): (float(gflops), int(share)) for ratio, gflops, share in re.findall(
+        r'^\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+ \|\s+[\d.]+x \|.*\|\s+(\d+)%$', out.stdout, re.M)}
+    assert set(rows) == {1.0, 0.7}
+    assert rows[0.7][0] < rows[1.0][0]  # the sparse stage's MLPs are part of the whole model's multiply-adds
+    assert 0 < rows[1.0][1] < 100
+    with pytest.raises(AssertionError, match='--backbone-only'):
+        run_tool('tools/analysis/benchmark.py', config, '--breakdown', '--rounds', '1')

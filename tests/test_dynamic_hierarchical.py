@@ -160,8 +160,8 @@ def test_bad_input_raises_clear_errors(cls):
         cls(arch='tiny', keep_ratio=0.3)  # 0.3 / 0.1 / -0.1: the last stage would keep nothing
     with pytest.raises(ValueError, match=r'prune_layers \[1, 2, 9\]: \[9\] out of range'):
         cls(arch='tiny', prune_layers=[1, 2, 9])
-    with pytest.raises(ValueError, match="unknown arch 'huge'"):
-        cls(arch='huge')
+    with pytest.raises(ValueError, match="unknown arch 'gigantic'"):
+        cls(arch='gigantic')
     model = cls(arch='tiny')
     with pytest.raises(ValueError, match='smaller than'):
         model(torch.randn(1, 3, 24, 64))

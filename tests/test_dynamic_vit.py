@@ -208,3 +208,17 @@ def test_pretrained_init_from_official_deit_and_mismatch_errors(tmp_path):
 
     with pytest.raises(CheckpointMismatchError, match="prefix 'backbone.'"):
         small_vit(init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone')).init_weights()
+
+
+def test_position_embedding_is_resampled_once_per_size_at_inference():
+    model = small_vit(keep_ratio=0.7, out_type='featmap', out_indices=(2, 5)).eval()
+    with torch.no_grad():
+        first = model.resized_pos_embed((6, 10))
+        assert model.resized_pos_embed((6, 10)) is first  # reused for the same grid
+        outs = model(torch.randn(1, 3, 48, 80))
+        assert [o.shape for o in outs] == [(1, 64, 6, 10)] * 2
+        model.pos_embed.add_(0.5)  # new weights (an optimizer step, a loaded checkpoint): resampled again
+        assert torch.allclose(model.resized_pos_embed((6, 10)), first + 0.5, atol=1e-5)
+    model.train()  # training resamples every pass, so the gradient reaches the embedding
+    model(torch.randn(1, 3, 48, 80))[0].sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0

@@ -111,5 +111,24 @@ def test_visualize_tokens(setup, tmp_path):
     out_png = tmp_path / 'tokens.png'
     out = run_tool('tools/visualize_tokens.py', image, config, ckpt, '--out', out_png)
     assert '3 pruning stages' in out.stdout
+    assert re.search(r'prediction: class_[01]\b', out.stdout)  # the class name, not an index
     with Image.open(out_png) as png:
         assert png.size[0] > png.size[1] > 100
+
+
+def test_visualize_tokens_of_a_dynamic_swin_detector(tmp_path):
+    """The slow-path positions of each predictor on the test-size image, and the classes the detector finds."""
+    from .helpers import detection_config, make_coco
+    coco = make_coco(tmp_path / 'coco', num_images=2)
+    config = tmp_path / 'mask_rcnn.py'
+    config.write_text(detection_config('swin', coco, tmp_path / 'work'))  # test size 96 x 128
+    from sparsevit_mm.apis import init_model
+    model = init_model(str(config))
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, tmp_path / 'detector.pth')
+    image = tmp_path / 'street.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(image)
+    out = run_tool('tools/visualize_tokens.py', image, config, tmp_path / 'detector.pth', '--out', tmp_path / 'd.png',
+                   '--score-threshold', '0.0')
+    assert '1 pruning stages' in out.stdout and re.search(r'detected \(score >= 0.0\): (box|blob)', out.stdout)
+    with Image.open(tmp_path / 'd.png') as png:
+        assert png.size[0] > png.size[1]

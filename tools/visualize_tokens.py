@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""Show which tokens a DynamicViT keeps: the image, then one panel per pruning stage with dropped patches greyed.
+"""Show where a sparse backbone spends its compute: the image, then one panel per pruning stage.
 
     python tools/visualize_tokens.py demo.jpg CONFIG CHECKPOINT --out tokens.png [--keep-ratio 0.7]
+
+DynamicViT: the tokens kept at each stage (dropped patches greyed). DynamicSwinTransformer / DynamicConvNeXt: the
+positions each score predictor sends through the slow path (the rest take the fast path). Classification configs
+show the image as evaluated (DeiT's resize and centre crop) and the predicted class; detection and segmentation
+configs the image at the config's test size and the classes found.
 """
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the benchmark's test-size helpers
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -15,9 +21,11 @@ from mmengine.config import DictAction  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sparsevit_mm.apis import init_model  # noqa: E402
+from sparsevit_mm.models.backbones.base import SparseBackbone  # noqa: E402
+from sparsevit_mm.utils.checkpoint import load_checkpoint_file  # noqa: E402
 
 
-def load_image(path: str, size: int) -> np.ndarray:
+def load_classification_image(path: str, size: int) -> np.ndarray:
     """Resize the short side to size/0.875 (bicubic) and centre-crop size x size, as DeiT's evaluation does."""
     image = Image.open(path).convert('RGB')
     scale = size / 0.875 / min(image.size)
@@ -27,65 +35,132 @@ def load_image(path: str, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def grey_out(image: np.ndarray, kept: np.ndarray, patch: int, grid_w: int, strength: float = 0.75) -> np.ndarray:
-    """Blend every patch not in ``kept`` (flat patch indices) towards white."""
-    mask = np.ones(image.shape[:2], dtype=bool)
-    for index in kept:
-        row, col = divmod(int(index), grid_w)
-        mask[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] = False
+def load_dense_image(path: str, height: int, width: int, divisor: int = 32) -> np.ndarray:
+    """Fit the image into the test size (aspect kept, as mmdet's / mmseg's Resize(keep_ratio=True)), sides rounded
+    down to multiples of ``divisor`` (the patch / total stride)."""
+    image = Image.open(path).convert('RGB')
+    short, long = min(height, width), max(height, width)
+    scale = min(short / min(image.size), long / max(image.size))
+    new_w = max(divisor, int(image.width * scale) // divisor * divisor)
+    new_h = max(divisor, int(image.height * scale) // divisor * divisor)
+    return np.asarray(image.resize((new_w, new_h), Image.BILINEAR))
+
+
+def grey_out(image: np.ndarray, kept: np.ndarray, grid, strength: float = 0.75) -> np.ndarray:
+    """Blend every cell of the (rows, cols) ``grid`` over the image that is not in ``kept`` (flat indices) to white."""
+    rows, cols = grid
+    cell_h, cell_w = image.shape[0] / rows, image.shape[1] / cols
+    mask = np.ones((rows, cols), dtype=bool)
+    mask.flat[np.asarray(kept, dtype=np.int64)] = False
+    row_index = (np.arange(image.shape[0]) / cell_h).astype(int)
+    col_index = (np.arange(image.shape[1]) / cell_w).astype(int)
+    pixels = mask[row_index][:, col_index]
     out = image.astype(np.float32)
-    out[mask] = out[mask] * (1 - strength) + 255 * strength
+    out[pixels] = out[pixels] * (1 - strength) + 255 * strength
     return out.astype(np.uint8)
 
 
+def class_names(model, cfg, checkpoint: str):
+    """The class names: from the checkpoint's dataset meta, the config's dataset, or the dataset class."""
+    meta = load_checkpoint_file(checkpoint).get('meta', {}) if checkpoint else {}
+    classes = (meta.get('dataset_meta') or {}).get('classes') or (getattr(model, 'dataset_meta', None) or {}).get(
+        'classes')
+    if classes:
+        return list(classes)
+    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    if classes:
+        return list(classes)
+    try:  # the dataset class's own names (ImageNet, COCO, ADE20K), or a folder dataset's folders
+        from mmengine.registry import DATASETS
+        built = DATASETS.build(dataset)
+        return list(built.metainfo.get('classes') or []) or None
+    except Exception:  # no data on this machine: indices it is
+        cls = DATASETS.get(str(dataset.get('type', '')))
+        return list(getattr(cls, 'METAINFO', {}).get('classes') or []) or None
+
+
+def name(classes, index: int) -> str:
+    return classes[index] if classes and 0 <= index < len(classes) else str(index)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Visualise the tokens kept at each pruning stage')
+    parser = argparse.ArgumentParser(description='Visualise the tokens / positions each pruning stage keeps')
     parser.add_argument('image')
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('--out', default='tokens.png')
     parser.add_argument('--keep-ratio', type=float, default=None, help='override the config\'s keep ratio')
+    parser.add_argument('--score-threshold', type=float, default=0.3, help='detections shown in the title')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args(argv)
 
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)
     backbone = model.backbone
-    if not hasattr(backbone, 'forward_sparse'):
-        raise ValueError(f'{type(backbone).__name__} does not prune tokens; nothing to visualise')
+    if not isinstance(backbone, SparseBackbone):
+        raise ValueError(f'{type(backbone).__name__} is not a sparse backbone (DynamicViT, DynamicSwinTransformer, '
+                         'DynamicConvNeXt); nothing to visualise')
     if args.keep_ratio is not None:
         backbone.keep_ratio = args.keep_ratio
-    patch = backbone.patch_size
-    grid_h, grid_w = backbone.grid_size
-    image = load_image(args.image, grid_h * patch)
-    preprocessor = model.data_preprocessor
-    inputs = torch.from_numpy(image).permute(2, 0, 1).float()[None]
-    if getattr(preprocessor, 'mean', None) is not None:
-        inputs = (inputs - preprocessor.mean.cpu()) / preprocessor.std.cpu()
+    framework = next((f for f in ('mmdet', 'mmseg') if type(model).__module__.startswith(f + '.')), None)
+    classes = class_names(model, model.cfg, args.checkpoint)
+    if framework is None:
+        size = backbone.grid_size[0] * backbone.patch_size if hasattr(backbone, 'grid_size') else 224
+        image = load_classification_image(args.image, size)
+    else:
+        from analysis.benchmark import test_size  # tools/analysis: the config's test size
+        image = load_dense_image(args.image, *test_size(model.cfg, framework))
+    uint8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    # RGB image; the data preprocessor expects the pipeline's BGR and converts it where the config says so
+    data = dict(inputs=[uint8.flip(0)], data_samples=None)
+    if framework is not None:
+        from analysis.benchmark import test_step_data
+        data = test_step_data(framework, 1, *image.shape[:2])
+        data['inputs'] = [uint8.flip(0)]
     with torch.no_grad():
+        inputs = model.data_preprocessor(data, False)['inputs']
         result = backbone.forward_sparse(inputs)
-        logits = model(inputs, mode='tensor')
+        if framework is None:
+            title = f'prediction: {name(classes, int(model(inputs, mode="tensor").argmax(1)))}'
+        else:
+            title = summary(model, framework, data, classes, args.score_threshold)
+    routing = 'slow path' if backbone.keep_ratio_schedule == 'linear' else 'kept'
+    grid = tuple(result.grid)
     panels = [('input', image)]
     for stage, kept in enumerate(result.kept_indices, start=1):
-        panels.append((f'stage {stage}: {kept.shape[1]}/{grid_h * grid_w} tokens',
-                       grey_out(image, kept[0].numpy(), patch, grid_w)))
+        panels.append((f'stage {stage}: {kept.shape[1]}/{grid[0] * grid[1]} {routing}',
+                       grey_out(image, kept[0].cpu().numpy(), grid)))
 
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
-    for axis, (title, panel) in zip(np.atleast_1d(axes), panels):
+    aspect = image.shape[1] / image.shape[0]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * aspect * len(panels), 3.3))
+    for axis, (panel_title, panel) in zip(np.atleast_1d(axes), panels):
         axis.imshow(panel)
-        axis.set_title(title, fontsize=9)
+        axis.set_title(panel_title, fontsize=9)
         axis.axis('off')
-    classes = (getattr(model, 'dataset_meta', None) or {}).get('classes')
-    label = int(logits.argmax(1))
-    fig.suptitle(f'prediction: {classes[label] if classes else label}', fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=100)
     plt.close(fig)
-    print(f'wrote {args.out} ({len(result.kept_indices)} pruning stages)')
+    print(f'wrote {args.out} ({len(result.kept_indices)} pruning stages; {title})')
     return result
+
+
+def summary(model, framework: str, data: dict, classes, threshold: float) -> str:
+    """The classes a detector finds (score >= threshold) or a segmentor labels most, best first."""
+    sample = model.test_step(data)[0]
+    if framework == 'mmdet':
+        instances = sample.pred_instances
+        keep = instances.scores >= threshold
+        labels = instances.labels[keep][instances.scores[keep].argsort(descending=True)].tolist()
+        found = list(dict.fromkeys(name(classes, label) for label in labels))[:5]
+        return f'detected (score >= {threshold}): {", ".join(found) if found else "nothing"}'
+    labels, counts = sample.pred_sem_seg.data.flatten().unique(return_counts=True)
+    order = counts.argsort(descending=True)[:5]
+    return 'segmented (largest first): ' + ', '.join(name(classes, int(labels[i])) for i in order)
 
 
 if __name__ == '__main__':

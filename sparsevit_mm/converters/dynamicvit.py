@@ -5,7 +5,8 @@ Our backbone keeps the official module names (``patch_embed.proj``, ``blocks.N.a
 score predictors plainly. Supported inputs:
 
 * official DynamicViT / LV-ViT (``score_predictor.K.in_conv.0`` ...), official DeiT / timm DeiT, LV-ViT;
-* mmpretrain's ``VisionTransformer`` (``layers.N.ln1``, ``ffn.layers.0.0``, ...), e.g. mmpretrain DeiT;
+* mmpretrain's and mmseg's ``VisionTransformer`` (``layers.N.ln1``, ``ffn.layers.0.0``, mmseg's
+  ``attn.attn.in_proj_weight``, ...), e.g. mmpretrain DeiT or an mmseg ViT UperNet's backbone;
 * our own backbone keys, or our classifier keys (``backbone.*``, ``head.*``).
 """
 import re
@@ -22,10 +23,14 @@ _PREDICTOR_RENAMES = (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out
                       ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.'))
 # classifier-level keys of the official / timm layouts
 _OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.', 'fc_norm.')
-# mmpretrain VisionTransformer -> ours
+# mmpretrain / mmseg VisionTransformer -> ours (mmseg's attention wraps nn.MultiheadAttention, whose in_proj stacks
+# q, k, v exactly as one qkv Linear does)
 _MMPRETRAIN_VIT_RENAMES = ((r'^patch_embed\.projection\.', 'patch_embed.proj.'), (r'^layers\.', 'blocks.'),
                            (r'\.ln1\.', '.norm1.'), (r'\.ln2\.', '.norm2.'), (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
-                           (r'\.ffn\.layers\.1\.', '.mlp.fc2.'), (r'^ln1\.', 'norm.'))
+                           (r'\.ffn\.layers\.1\.', '.mlp.fc2.'), (r'^ln1\.', 'norm.'),
+                           (r'\.attn\.attn\.in_proj_weight$', '.attn.qkv.weight'),
+                           (r'\.attn\.attn\.in_proj_bias$', '.attn.qkv.bias'),
+                           (r'\.attn\.attn\.out_proj\.', '.attn.proj.'))
 
 
 def detect_layout(state_dict: StateDict) -> str:

@@ -4,7 +4,8 @@
     python tools/analysis/benchmark.py configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py \
         --batch-size 32 --shape 224 --keep-ratios 1.0 0.7 [--device cuda]
     python tools/analysis/benchmark.py configs/dynamic_swin/mask-rcnn_dynamic-swin-t-r0.7_fpn_1x_coco.py \
-        --batch-size 1 --shape 800 1333            # detection / segmentation configs: the backbone
+        --batch-size 1                             # detection / segmentation: the whole test_step at the test size
+    python tools/analysis/benchmark.py CONFIG --backbone-only --shape 800 1333 --breakdown   # the backbone alone
     python tools/analysis/benchmark.py configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py   # early exit at 2 budgets
     python tools/analysis/benchmark.py configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py --batch-size 32
         # U-ViT: training steps with math / SDPA attention, with and without gradient checkpointing
@@ -24,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -222,9 +224,17 @@ def main(argv=None):
     if hasattr(model, 'network') and hasattr(model, 'schedule'):
         return benchmark_diffusion_training(model, args)
     backbone = model.backbone if hasattr(model, 'backbone') else model
+    ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
+    framework = dense_prediction_framework(model)
+    if framework is not None and not args.backbone_only:
+        if args.breakdown:
+            raise SystemExit('--breakdown times a backbone\'s parts: add --backbone-only for a detection / '
+                             'segmentation config (the whole-model run reports the backbone\'s share by itself)')
+        if args.shape == [224]:  # not given: the config's test size
+            height, width = test_size(model.cfg, framework)
+        return benchmark_whole_model(model, backbone, framework, ratios, height, width, args)
     whole = not args.backbone_only and hasattr(model, 'head') and hasattr(model, 'extract_feat')
     forward = (lambda x: model(x, mode='tensor')) if whole else backbone
-    ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
     images = torch.randn(args.batch_size, 3, height, width, device=args.device)
 
     def setting(ratio):
@@ -246,6 +256,17 @@ def main(argv=None):
           f'{args.rounds} interleaved rounds of {args.iters} batches')
     print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
           f'{"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22}')
+    table = speed_rows(results, speedups, flops, ratios)
+    for ratio, row in table.items():
+        print(row.pop('line'))
+    if args.breakdown:
+        table['breakdown'] = time_breakdown(model, backbone, forward, images, ratios, args)
+    return table
+
+
+def speed_rows(results, speedups, flops, ratios) -> dict:
+    """Per setting: images/s, speed-up over ``ratios[0]`` (median of per-round ratios, quartiles, 95% interval), the
+    FLOPs speed-up, the share of its gain realised, and the printed table row (``'line'``)."""
     table = {}
     for ratio in ratios:
         value = median(results[ratio])
@@ -256,13 +277,114 @@ def main(argv=None):
         if allowed > 1.0001:
             gain = [(s - 1) / (allowed - 1) for s in (measured, *interval)]
             realised = f'{gain[0]:.0%} ({gain[1]:.0%}-{gain[2]:.0%})'
-        table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
-                            speedup_interval=interval, flops_speedup=allowed, gflops=flops[ratio] / 1e9)
         digits = 1 if value >= 10 else 3
-        print(f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{digits}f} | {measured:>7.2f}x | '
-              f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>22}')
-    if args.breakdown:
-        table['breakdown'] = time_breakdown(model, backbone, forward, images, ratios, args)
+        line = (f'{ratio:>10.3f} | {flops[ratio] / 1e9:>7.2f} | {value:>9.{digits}f} | {measured:>7.2f}x | '
+                f'{low:>5.2f}-{high:<5.2f}x | {allowed:>13.2f}x | {realised:>22}')
+        table[ratio] = dict(images_per_s=value, speedup=measured, speedup_quartiles=(low, high),
+                            speedup_interval=interval, flops_speedup=allowed, gflops=flops[ratio] / 1e9, line=line)
+    return table
+
+
+def dense_prediction_framework(model) -> Optional[str]:
+    """``'mmdet'`` / ``'mmseg'`` for a detector / segmentor, else None (a classifier or one of our models)."""
+    for framework in ('mmdet', 'mmseg'):
+        if type(model).__module__.startswith(framework + '.') and hasattr(model, 'backbone'):
+            return framework
+    return None
+
+
+def test_size(cfg, framework: str) -> Tuple[int, int]:
+    """(H, W) a test image has after the config's test pipeline: mmdet's Resize scale (1333, 800) -> 800 x 1333;
+    mmseg: the data preprocessor's crop size (the ADE20K recipes' 512 x 512)."""
+    if framework == 'mmseg':
+        size = (cfg.model.get('data_preprocessor') or {}).get('size') or (512, 512)
+        return int(size[0]), int(size[1])
+    pipeline = (cfg.get('test_dataloader') or {}).get('dataset', {}).get('pipeline') or cfg.get('test_pipeline') or []
+    for step in pipeline:
+        if str(step.get('type', '')).split('.')[-1] == 'Resize' and step.get('scale'):
+            long_side, short_side = max(step['scale']), min(step['scale'])
+            return int(short_side), int(long_side)
+    return 800, 1333
+
+
+def test_step_data(framework: str, batch: int, height: int, width: int) -> dict:
+    """A test batch as a dataloader gives it: uint8 (3, H, W) images and data samples with their metainfo."""
+    if framework == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(batch)]
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
+                scale_factor=(1.0, 1.0))
+    return dict(inputs=images, data_samples=[Sample(metainfo=dict(meta)) for _ in images])
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """torch's FlopCounterMode has no rule for the CPU attention kernel: both matmuls, 2 FLOPs per multiply-add."""
+    batch = 1
+    for size in query[:-2]:
+        batch *= size
+    return 2 * batch * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
+def count_step_flops(step: Callable[[], object]) -> float:
+    """Multiply-adds of one call of ``step`` (any Python: data samples, NMS, slide inference), counted at torch's
+    dispatch level (matmuls, convolutions, attention; custom ops such as RoIAlign / NMS are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()
+    return counter.get_total_flops() / 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+
+
+def benchmark_whole_model(model, backbone, framework, ratios, height, width, args) -> dict:
+    """What a user runs: ``model.test_step`` (data preprocessor, backbone, neck, heads, post-processing) of the
+    detector / segmentor, dense and dynamic in interleaved rounds, with both settings' whole-model GFLOPs and the
+    share of time spent in the backbone (module hooks)."""
+    data = test_step_data(framework, args.batch_size, height, width)
+    counter = torch.zeros(args.batch_size, device=args.device)  # images/s is counted per element of this
+
+    def step(_=None):
+        return model.test_step(data)
+
+    def setting(ratio):
+        def prepare():
+            backbone.keep_ratio = ratio
+            if args.fp16:
+                return lambda x: torch.autocast('cuda', torch.float16)(step)(x)
+            return step
+        return prepare
+
+    flops, share = {}, {}
+    for ratio in ratios:
+        backbone.keep_ratio = ratio
+        flops[ratio] = count_step_flops(step)
+    results = side_by_side_throughput({r: setting(r) for r in ratios}, counter, args.rounds, args.iters, args.warmup)
+    with torch.no_grad(), timed_parts({'backbone': [backbone]}, counter.device) as inside:
+        for ratio in ratios:
+            backbone.keep_ratio = ratio
+            step()
+            inside['backbone'] = 0.0
+            synchronize(counter.device)
+            start = time.perf_counter()
+            step()
+            synchronize(counter.device)
+            share[ratio] = (inside['backbone'], time.perf_counter() - start)
+    speedups = round_speedups(results, ratios[0])
+    print(f'{type(model).__name__} with {type(backbone).__name__} (whole model: test_step), batch {args.batch_size}, '
+          f'{height}x{width}, {describe_device(args)}, {args.rounds} interleaved rounds of {args.iters} batches')
+    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
+          f'{"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22} | {"backbone share":>14}')
+    table = speed_rows(results, speedups, flops, ratios)
+    for ratio, row in table.items():
+        inside_backbone, total = share[ratio]
+        row['backbone_share'] = inside_backbone / total
+        print(f'{row.pop("line")} | {inside_backbone / total:>13.0%}')
+    print('(GFLOPs: the whole test step per batch, multiply-adds of matmuls, convolutions and attention; backbone '
+          'share: time inside the backbone in one timed pass. With random weights a detector keeps few boxes, so its '
+          'mask head costs less than with trained ones: pass --checkpoint for those.)')
     return table
 
 

@@ -125,8 +125,12 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[Union[dict, list]] = None):
-        if isinstance(arch, str) and arch.lower() not in self.arch_zoo and arch.lower() in ConvNeXt.arch_settings:
-            arch = dict(ConvNeXt.arch_settings[arch.lower()])  # mmpretrain's other sizes (atto ... xlarge)
+        if isinstance(arch, str) and arch.lower() not in self.arch_zoo:
+            if arch.lower() not in ConvNeXt.arch_settings:
+                raise ValueError(f'unknown arch {arch!r} for DynamicConvNeXt; choose one of '
+                                 f'{sorted({*self.arch_zoo, *ConvNeXt.arch_settings})} or a dict with depths and '
+                                 'channels')
+            arch = dict(ConvNeXt.arch_settings[arch.lower()])  # mmpretrain's other sizes (atto ... huge)
         settings = self.resolve_arch(arch, required=('depths', 'channels'))
         depths = list(settings['depths'])
         if len(depths) != 4:

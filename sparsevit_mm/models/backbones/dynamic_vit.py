@@ -24,6 +24,15 @@ from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, b
 from .base import SparseBackbone, TokenSparsityResult
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid) -> torch.Tensor:
+    """(1, 1 + h * w, C) position embedding with a cls token -> (1, 1 + H * W, C), bicubic.
+
+    Without antialiasing, as DeiT's, mmpretrain's and mmseg's ViTs resize it (timm's default antialias=True gives
+    other tables, so a checkpoint would not behave as it does there at other sizes).
+    """
+    return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), antialias=False)
+
+
 class ConvStemPatchEmbed(nn.Module):
     """LV-ViT's patch embedding: three convs (stride 2) then a ``patch_size/2`` projection. (B,3,H,W)->(B,C,H/p,W/p)."""
 
@@ -144,6 +153,7 @@ class DynamicViT(SparseBackbone):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1] + 1, embed_dims))
         self.pos_drop = nn.Dropout(drop_rate)
+        self._resized_pos_embeds = {}  # grid -> (weights version, resampled embedding), see resized_pos_embed
 
         drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
@@ -167,12 +177,23 @@ class DynamicViT(SparseBackbone):
         init_vit_weights(self, self.pos_embed, self.cls_token)
 
     def convert_checkpoint(self, state_dict: Dict[str, torch.Tensor], checkpoint=None) -> Dict[str, torch.Tensor]:
+        """Any supported ViT layout -> our keys; the position embedding is resampled to ``img_size``.
+
+        Two exact adaptations: a patch embedding without bias (mmseg's ViT configs, ``patch_bias=False``) gets a zero
+        bias, and without a final norm (``final_norm=False``, as mmseg's UperNet ViTs) a classifier checkpoint's
+        final ``norm`` is left out, since nothing here would use it.
+        """
         from ...converters.dynamicvit import to_backbone_state_dict
         state_dict = to_backbone_state_dict(state_dict)
         if 'pos_embed' in state_dict and state_dict['pos_embed'].shape != self.pos_embed.shape:
             old = state_dict['pos_embed']
             old_side = int(round((old.shape[1] - 1) ** 0.5))
-            state_dict['pos_embed'] = resample_abs_pos_embed(old, list(self.grid_size), [old_side, old_side])
+            state_dict['pos_embed'] = resample_pos_embed(old, self.grid_size, (old_side, old_side))
+        weight, bias = 'patch_embed.proj.weight', 'patch_embed.proj.bias'
+        if weight in state_dict and bias not in state_dict and self.patch_embed.proj.bias is not None:
+            state_dict[bias] = state_dict[weight].new_zeros(state_dict[weight].shape[0])
+        if not self.final_norm:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith('norm.')}
         return state_dict
 
     # A dense DeiT / LV-ViT checkpoint has no predictors; they keep their fresh init.
@@ -217,11 +238,27 @@ class DynamicViT(SparseBackbone):
         """(B, 3, H, W) -> tokens (B, 1 + N, C) with cls token and position embedding, and the patch grid."""
         grid = self._check_grid(*images.shape[-2:])
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        pos_embed = self.pos_embed
-        if grid != self.grid_size:
-            pos_embed = resample_abs_pos_embed(pos_embed, list(grid), list(self.grid_size))
+        pos_embed = self.pos_embed if grid == self.grid_size else self.resized_pos_embed(grid)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
         return self.pos_drop(x), grid
+
+    def resized_pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """The position embedding resampled to a ``grid`` of patches: (1, 1 + H * W, C).
+
+        At inference it is computed once per grid and reused while the weights stay the same (a detector's or
+        segmentor's test images share a few sizes; at 800 x 1333 resampling is a bicubic pass over 4,200 tokens);
+        in training it is recomputed, so that its gradient reaches the embedding.
+        """
+        if self.training and torch.is_grad_enabled():
+            return resample_pos_embed(self.pos_embed, grid, self.grid_size)
+        weights = self.pos_embed
+        version = (weights._version, weights.data_ptr(), weights.dtype)  # in-place updates and moves change it
+        cached = self._resized_pos_embeds.get(grid)
+        if cached is None or cached[0] != version:
+            with torch.no_grad():
+                cached = (version, resample_pos_embed(weights, grid, self.grid_size))
+            self._resized_pos_embeds[grid] = cached
+        return cached[1]
 
     def _run_block(self, index: int, x: torch.Tensor, policy: Optional[torch.Tensor]) -> torch.Tensor:
         block = self.blocks[index]

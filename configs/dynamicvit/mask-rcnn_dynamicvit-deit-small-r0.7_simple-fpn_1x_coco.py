@@ -1,0 +1,30 @@
+# Mask R-CNN 1x with DynamicViT-DeiT-S/0.7: mmdet's R-50 FPN 1x recipe with the backbone swapped for a plain ViT
+# and FPN for ViTDet's simple feature pyramid (strides 4-64 from the single stride-16 map). Tokens pruned by the
+# backbone come back into the map with the features they had when dropped, as SViT keeps them.
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
+custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
+
+# Official DeiT-S ImageNet weights (converted on the fly; the score predictors start from scratch). An ImageNet
+# DynamicViT checkpoint (configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py) works as well.
+pretrained = 'pretrained/deit_small_patch16_224-cd65a155.pth'
+model = dict(
+    # image sides must be multiples of the patch (16) and of the coarsest pyramid stride (32)
+    data_preprocessor=dict(pad_size_divisor=32),
+    backbone=dict(
+        _delete_=True,
+        type='DynamicViT',
+        arch='deit-small',
+        img_size=224,  # the position embedding is resized to each input
+        patch_size=16,
+        keep_ratio=0.7,
+        out_type='featmap',
+        out_indices=(11, ),
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(_delete_=True, type='SimpleFeaturePyramid', in_channels=384, out_channels=256, num_outs=5))
+
+# AdamW instead of the R-50 recipe's SGD; no weight decay on the position embedding and cls token
+optim_wrapper = dict(
+    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
+    paramwise_cfg=dict(custom_keys={'pos_embed': dict(decay_mult=0.0), 'cls_token': dict(decay_mult=0.0)}))
+custom_hooks = [dict(type='KeepRatioLossHook'), dict(type='RandomStateHook'), dict(type='CheckpointLayoutHook')]
