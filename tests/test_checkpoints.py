@@ -180,3 +180,49 @@ def test_converter_names_a_file_that_is_no_checkpoint(tmp_path):
     torch.save({'model': broken}, tmp_path / 'broken.pth')
     text = run_failing('tools/model_converters/official_to_sparsevit.py', tmp_path / 'broken.pth', tmp_path / 'o.pth')
     assert 'missing keys: backbone.blocks.2.mlp.fc2.weight' in text and 'broken.pth' in text
+
+
+def test_official_checkpoints_of_every_family_load_into_the_models_a_config_builds(tmp_path):
+    """What tools/test.py CONFIG OFFICIAL.pth does (convert_for_model + check_fit, then load), for each family."""
+    from sparsevit_mm.models import DVT, UViTDiffusion
+    from sparsevit_mm.utils import load_weights
+
+    from .helpers import TINY_DVT, TINY_UVIT
+    from .reference.official_dvt import official_dvt_state_dict
+    from .reference.official_hierarchical import random_official_convnext, random_official_swin
+    small_swin = dict(embed_dims=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8])
+    small_convnext = dict(depths=[1, 1, 6, 1], channels=[16, 32, 64, 128])
+    classifiers = {
+        'LV-ViT': (dict(type='DynamicViT', arch=dict(embed_dims=64, num_layers=4, num_heads=4, mlp_ratio=2.0,
+                                                     qkv_bias=False, stem='conv', residual_scale=2.0),
+                        img_size=64, patch_size=16, prune_layers=[1, 2, 3], out_type='raw'),
+                   dict(type='TokenLabelingClsHead', num_classes=3, in_channels=64), None,
+                   random_official_state_dict(64, 4, mlp_ratio=2.0, num_classes=3, lvvit=True, grid=4)),
+        'DynamicSwin': (dict(type='DynamicSwinTransformer', arch=small_swin, out_indices=(3, ), pad_small_map=False),
+                        dict(type='LinearClsHead', num_classes=5, in_channels=256),
+                        dict(type='GlobalAveragePooling'), random_official_swin(**small_swin)),
+        'DynamicCNN': (dict(type='DynamicConvNeXt', arch=small_convnext),
+                       dict(type='LinearClsHead', num_classes=5, in_channels=128), None,
+                       random_official_convnext(**small_convnext)),
+    }
+    for family, (backbone, head, neck, official) in classifiers.items():
+        model = build_model(dict(type='ImageClassifier', backbone=backbone, neck=neck, head=head))
+        load_weights(model, {'model': official}, source=family)
+        head_weight = dict(model.head.named_parameters())['cls_fc.weight' if family == 'LV-ViT' else 'fc.weight']
+        assert torch.equal(head_weight, official['head.weight']), family
+    # DVT: weights, exit costs and the fitted threshold table come from the official file
+    dvt = DVT(arch=TINY_DVT, num_classes=3)
+    official = {'model_state_dict': official_dvt_state_dict(dvt.state_dict()), 'flops': [0.1, 0.3, 0.7],
+                'dynamic_threshold': torch.rand(59, 3),
+                'budgeted_batch_classification': [torch.linspace(0.1, 0.7, 59).tolist(), [50.0] * 59]}
+    fresh = DVT(arch=TINY_DVT, num_classes=3)
+    load_weights(fresh, official, source='dvt')
+    assert fresh.threshold_table.shape == (59, 3) and fresh.exit_gflops.tolist() == pytest.approx([0.1, 0.3, 0.7])
+    assert torch.equal(fresh.heads[2].weight, dvt.heads[2].weight)
+    # U-ViT: the official nnet.pth is the network's plain state dict
+    diffusion = UViTDiffusion(network=dict(type='UViT', arch=TINY_UVIT, img_size=16, patch_size=2, in_channels=4))
+    network = {k: v + 1.0 for k, v in diffusion.network.state_dict().items()}
+    load_weights(diffusion, network, source='nnet.pth')
+    assert torch.equal(diffusion.network.pos_embed, network['pos_embed'])
+    with pytest.raises(CheckpointMismatchError, match=r'nnet\.pth.*missing keys: network\.norm\.weight'):
+        load_weights(diffusion, {k: v for k, v in network.items() if k != 'norm.weight'}, source='nnet.pth')

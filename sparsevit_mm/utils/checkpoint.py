@@ -257,7 +257,8 @@ def check_fit(model: nn.Module, state_dict: StateDict, source: str = 'the checkp
                 shown = ', '.join(keys[:20]) + (f', ... ({len(keys)} in all)' if len(keys) > 20 else '')
                 parts.append(f'{title}: {shown}')
         raise CheckpointMismatchError('; '.join(parts))
-    return sorted({(prefix + pattern.lstrip('^')) if prefix else pattern for prefix, pattern in absent
+    # readable names for the log: 'backbone.score_predictors.' for the pattern '^score_predictors\.' of the backbone
+    return sorted({prefix + re.sub(r'\\(.)', r'\1', pattern.strip('^$')) for prefix, pattern in absent
                    if pattern not in ALWAYS_OPTIONAL})
 
 
