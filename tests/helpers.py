@@ -196,6 +196,12 @@ model = dict(
     backbone=dict(_delete_=True, **{tiny_backbone(kind)!r}),
     neck=dict(in_channels=[32, 64, 128, 256]),
     roi_head=dict(bbox_head=dict(num_classes=2), mask_head=dict(num_classes=2)))
+""" + tiny_coco_data(data_root, work_dir, max_iters)
+
+
+def tiny_coco_data(data_root, work_dir, max_iters=4) -> str:
+    """The data, evaluator and short schedule part of an mmdet config on :func:`make_coco` data (config text)."""
+    return f"""
 metainfo = dict(classes=('box', 'blob'))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -215,7 +221,8 @@ train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
 val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
                       dataset=dict(dataset, pipeline=test_pipeline, test_mode=True))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='CocoMetric', ann_file={str(data_root / 'annotations.json')!r}, metric=['bbox', 'segm'])
+val_evaluator = dict(type='CocoMetric', ann_file={str(Path(data_root) / 'annotations.json')!r},
+                     metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
 param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
@@ -345,38 +352,10 @@ model = dict(
     # a detector trained 4 iterations scores below mmdet's 0.05: keep every box so that the metric has results
     test_cfg=dict(rcnn=dict(score_thr=0.0)))
 randomness = dict(seed=0)
-metainfo = dict(classes=('box', 'blob'))
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='PackDetInputs')]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
-dataset = dict(type='CocoDataset', data_root={str(data_root)!r}, ann_file='annotations.json', metainfo=metainfo,
-               data_prefix=dict(img='images/'))
-train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                        sampler=dict(type='InfiniteSampler', shuffle=True), batch_sampler=None,
-                        dataset=dict(dataset, pipeline=train_pipeline, filter_cfg=dict(filter_empty_gt=True)))
-val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
-                      dataset=dict(dataset, pipeline=test_pipeline, test_mode=True))
-test_dataloader = val_dataloader
-val_evaluator = dict(type='CocoMetric', ann_file={str(Path(data_root) / 'annotations.json')!r},
-                     metric=['bbox', 'segm'])
-test_evaluator = val_evaluator
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=0.1),
     paramwise_cfg=dict(custom_keys={{'pos_embed': dict(decay_mult=0.0), 'cls_token': dict(decay_mult=0.0)}}))
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
-param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
-                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
-log_processor = dict(by_epoch=False)
-work_dir = {str(work_dir)!r}
-"""
+""" + tiny_coco_data(data_root, work_dir, max_iters)
 
 
 def vit_segmentation_config(kind, data_root, work_dir, max_iters=4, keep_ratio=0.7):

@@ -237,19 +237,12 @@ def main(argv=None):
     forward = (lambda x: model(x, mode='tensor')) if whole else backbone
     images = torch.randn(args.batch_size, 3, height, width, device=args.device)
 
-    def setting(ratio):
-        def prepare():
-            backbone.keep_ratio = ratio
-            if args.fp16:
-                return lambda x: torch.autocast('cuda', torch.float16)(forward)(x)
-            return forward
-        return prepare
-
     flops = {}
     for ratio in ratios:
         backbone.keep_ratio = ratio
         flops[ratio] = count_flops(forward, images[:1], module=model)
-    results = side_by_side_throughput({r: setting(r) for r in ratios}, images, args.rounds, args.iters, args.warmup)
+    results = side_by_side_throughput({r: keep_ratio_setting(backbone, r, forward, args.fp16) for r in ratios}, images,
+                                      args.rounds, args.iters, args.warmup)
     speedups = round_speedups(results, ratios[0])
     what = 'model' if whole else 'backbone'
     print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {describe_device(args)}, '
@@ -262,6 +255,17 @@ def main(argv=None):
     if args.breakdown:
         table['breakdown'] = time_breakdown(model, backbone, forward, images, ratios, args)
     return table
+
+
+def keep_ratio_setting(backbone, ratio: float, fn: Callable, fp16: bool) -> Callable[[], Callable]:
+    """What side_by_side_throughput times for one setting: switch the backbone to ``ratio``, return ``fn`` (under
+    float16 autocast with ``fp16``)."""
+    def prepare():
+        backbone.keep_ratio = ratio
+        if fp16:
+            return lambda x: torch.autocast('cuda', torch.float16)(fn)(x)
+        return fn
+    return prepare
 
 
 def speed_rows(results, speedups, flops, ratios) -> dict:
@@ -349,19 +353,12 @@ def benchmark_whole_model(model, backbone, framework, ratios, height, width, arg
     def step(_=None):
         return model.test_step(data)
 
-    def setting(ratio):
-        def prepare():
-            backbone.keep_ratio = ratio
-            if args.fp16:
-                return lambda x: torch.autocast('cuda', torch.float16)(step)(x)
-            return step
-        return prepare
-
     flops, share = {}, {}
     for ratio in ratios:
         backbone.keep_ratio = ratio
         flops[ratio] = count_step_flops(step)
-    results = side_by_side_throughput({r: setting(r) for r in ratios}, counter, args.rounds, args.iters, args.warmup)
+    results = side_by_side_throughput({r: keep_ratio_setting(backbone, r, step, args.fp16) for r in ratios}, counter,
+                                      args.rounds, args.iters, args.warmup)
     with torch.no_grad(), timed_parts({'backbone': [backbone]}, counter.device) as inside:
         for ratio in ratios:
             backbone.keep_ratio = ratio
