@@ -233,6 +233,18 @@ work_dir = {str(work_dir)!r}
 """
 
 
+def tiny_segmentation_schedule(work_dir, max_iters=4) -> str:
+    """The test loader, short schedule, hooks and work dir of an mmseg config on :func:`make_ade` data (text)."""
+    return f"""
+test_dataloader = val_dataloader
+train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
+                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
+work_dir = {str(work_dir)!r}
+"""
+
+
 def segmentation_config(kind, data_root, work_dir, max_iters=4):
     """mmseg's own UperNet Swin-T 160k config with the backbone swapped and a tiny ADE-style set (config text)."""
     return f"""
@@ -260,13 +272,7 @@ val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
     dataset=dict(type='BaseSegDataset', img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
                  data_root={str(data_root)!r}, metainfo=metainfo, pipeline=test_pipeline,
                  data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
-test_dataloader = val_dataloader
-train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
-param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
-                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
-work_dir = {str(work_dir)!r}
-"""
+""" + tiny_segmentation_schedule(work_dir, max_iters)
 
 
 TINY_DVT = dict(embed_dims=32, depth=2, num_heads=2, mlp_ratio=2.0, qkv_bias=True, tokenizer='patch')
@@ -399,10 +405,4 @@ train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(dataset, data_prefix=dict(img_path='images/training', seg_map_path='annotations/training')))
 val_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
     dataset=dict(dataset, data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
-test_dataloader = val_dataloader
-train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
-param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
-                     checkpoint=dict(type='CheckpointHook', interval={max_iters}, by_epoch=False))
-work_dir = {str(work_dir)!r}
-"""
+""" + tiny_segmentation_schedule(work_dir, max_iters)
