@@ -129,16 +129,44 @@ def test_benchmark_times_a_detector_backbone_side_by_side():
                      out.stdout)
 
 
+def whole_model_rows(stdout: str):
+    """The speed table {keep ratio: GFLOPs} and the parts table {part: [ms, share %] per setting} of a whole-model
+    benchmark run."""
+    gflops = {float(ratio): float(value) for ratio, value in re.findall(
+        r'^\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+ \|\s+[\d.]+x \|', stdout, re.M)}
+    parts = {name: [float(v) for v in values] for name, *values in re.findall(
+        r'^\s*(backbone|neck|heads|rest|test step) \|\s+([\d.]+)\s+(\d+)% \|\s+([\d.]+)\s+(\d+)%$', stdout, re.M)}
+    return gflops, parts
+
+
 def test_benchmark_times_the_whole_segmentor_side_by_side():
-    """On a segmentation config: the whole test_step, both settings' whole-model GFLOPs, the backbone's share."""
+    """On a segmentation config: the whole test_step, both settings' whole-model GFLOPs, where the time goes."""
     config = 'configs/dynamic_swin/upernet_dynamic-swin-t-r0.7_8xb2-160k_ade20k-512x512.py'
     out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '128', '--rounds', '2',
                    '--iters', '1', '--warmup', '0')
     assert 'EncoderDecoder with DynamicSwinTransformer (whole model: test_step), batch 1, 128x128' in out.stdout
-    rows = {float(ratio): (float(gflops), int(share)) for ratio, gflops, share in re.findall(
-        r'^\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+ \|\s+[\d.]+x \|.*\|\s+(\d+)%$', out.stdout, re.M)}
-    assert set(rows) == {1.0, 0.7}
-    assert rows[0.7][0] < rows[1.0][0]  # the sparse stage's MLPs are part of the whole model's multiply-adds
-    assert 0 < rows[1.0][1] < 100
+    gflops, parts = whole_model_rows(out.stdout)
+    assert set(gflops) == {1.0, 0.7}
+    assert gflops[0.7] < gflops[1.0]  # the sparse stage's MLPs are part of the whole model's multiply-adds
+    assert set(parts) == {'backbone', 'heads', 'rest', 'test step'}  # no neck: UperNet reads the stages' maps
+    for column in (0, 2):
+        assert 0 < parts['heads'][column + 1] < 100 and 0 < parts['backbone'][column + 1] < 100
+        assert sum(parts[name][column] for name in ('backbone', 'heads', 'rest')) == \
+            pytest.approx(parts['test step'][column], abs=0.5)
     with pytest.raises(AssertionError, match='--backbone-only'):
         run_tool('tools/analysis/benchmark.py', config, '--breakdown', '--rounds', '1')
+
+
+def test_whole_detector_benchmark_gives_both_settings_equal_head_work():
+    """Random weights pass a keep-ratio-dependent number of boxes through the score threshold; the benchmark sets
+    it to 0 so both settings' mask heads see max_per_img boxes, and says so (the config's with a flag)."""
+    config = 'configs/dynamic_swin/mask-rcnn_dynamic-swin-t-r0.7_fpn_1x_coco.py'
+    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '64', '96', '--rounds', '1',
+                   '--iters', '1', '--warmup', '0', '--cfg-options', 'model.test_cfg.rcnn.max_per_img=7')
+    assert 'roi_head score_thr 0.05 -> 0 (every image keeps max_per_img=7 boxes)' in out.stdout
+    assert 'detections per image: keep 1.00: 7, keep 0.70: 7' in out.stdout
+    gflops, parts = whole_model_rows(out.stdout)
+    assert set(parts) == {'backbone', 'neck', 'heads', 'rest', 'test step'}
+    out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '64', '96', '--rounds', '1',
+                   '--iters', '1', '--warmup', '0', '--config-detections')
+    assert 'score_thr' not in out.stdout and 'detections per image: keep 1.00: ' in out.stdout
