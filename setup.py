@@ -46,7 +46,7 @@ setup(
         'modelindex',
     ],
     extras_require={
-        'tests': ['pytest>=7', 'pytest-timeout'],
+        'tests': ['pytest>=7', 'pytest-timeout', 'pytest-xdist'],
         # Memory-efficient attention on CUDA machines; never required.
         'xformers': ['xformers'],
     },

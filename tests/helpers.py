@@ -101,6 +101,18 @@ def save_tiny_teacher(path, num_classes=2, seed=0):
     return path
 
 
+def load_tool(path: str):
+    """A repo script (path relative to the repo) as a module, its folder importable as when it runs."""
+    import importlib.util
+    script = REPO / path
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(script.stem.lstrip('_') + '_tool', script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_tool(*args, timeout=900, env=None):
     """Run a repo script with this interpreter; return the completed process (raises with its output on error)."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))

@@ -6,9 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsevit_mm.analysis import (count_flops, count_flops_by_part, median_interval, rate_ceilings, sparsity_parts,
-                                   timed_parts)
 from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
+from sparsevit_mm.utils.flops import count_flops, count_flops_by_part
+
+from .helpers import load_tool
+
+benchmark = load_tool('tools/analysis/benchmark.py')
+measure = load_tool('tools/analysis/_benchmarking.py')
 
 SMALL_CONVNEXT = dict(depths=[1, 1, 4, 1], channels=[16, 32, 64, 128], prune_layers=[1, 2, 3])
 SMALL_SWIN = dict(embed_dims=32, depths=[1, 1, 4, 1], num_heads=[1, 2, 4, 8], prune_layers=[1, 2, 3])
@@ -18,7 +22,7 @@ SMALL_SWIN = dict(embed_dims=32, depths=[1, 1, 4, 1], num_heads=[1, 2, 4, 8], pr
                          [(DynamicConvNeXt, SMALL_CONVNEXT, 64), (DynamicSwinTransformer, SMALL_SWIN, 128)])
 def test_flops_by_part_count_the_routed_mlps(cls, arch, channels):
     model = cls(arch=arch, keep_ratio=0.7).eval()
-    parts = sparsity_parts(model)
+    parts = benchmark.sparsity_parts(model)
     assert sorted(parts) == ['fast paths', 'score predictors', 'slow-path MLPs']
     assert len(parts['fast paths']) == 3 and len(parts['score predictors']) == 3
     images = torch.randn(1, 3, 224, 224)
@@ -46,7 +50,7 @@ def test_timed_parts_attributes_time_to_the_hooked_modules():
 
     slow, fast = Sleep(), nn.Identity()
     model = nn.Sequential(fast, slow, nn.Identity())
-    with timed_parts({'slow': [slow], 'fast': [fast]}, torch.device('cpu')) as seconds:
+    with measure.timed_parts({'slow': [slow], 'fast': [fast]}, torch.device('cpu')) as seconds:
         model(torch.zeros(1))
         model(torch.zeros(1))
     assert 0.1 <= seconds['slow'] < 1.0
@@ -58,11 +62,11 @@ def test_timed_parts_attributes_time_to_the_hooked_modules():
 def test_median_interval_covers_the_median_and_narrows_with_less_spread():
     wide = [1.0 + 0.2 * ((i * 7919) % 13 - 6) / 6 for i in range(40)]
     narrow = [1.0 + 0.02 * ((i * 7919) % 13 - 6) / 6 for i in range(40)]
-    low, high = median_interval(wide)
+    low, high = measure.median_interval(wide)
     assert low <= statistics.median(wide) <= high
-    narrow_low, narrow_high = median_interval(narrow)
+    narrow_low, narrow_high = measure.median_interval(narrow)
     assert narrow_high - narrow_low < (high - low) / 5
-    assert median_interval(wide) == (low, high)  # seeded: the same rounds give the same interval
+    assert measure.median_interval(wide) == (low, high)  # seeded: the same rounds give the same interval
 
 
 def test_rate_ceiling_is_the_flops_speedup_only_when_every_part_runs_at_one_rate():
@@ -75,17 +79,20 @@ def test_rate_ceiling_is_the_flops_speedup_only_when_every_part_runs_at_one_rate
         table['total'] = {1.0: dict(gflops=5.0), 0.7: dict(gflops=4.0)}
         return table
 
-    assert rate_ceilings(rows(60.0, 60.0), [1.0, 0.7])[0.7] == pytest.approx(5.0 / 4.0)
+    assert benchmark.rate_ceilings(rows(60.0, 60.0), [1.0, 0.7])[0.7] == pytest.approx(5.0 / 4.0)
     # MLP work twice as fast per FLOP as the rest: saving 1 GFLOP of it saves less time than the count promises
     dense, sparse = 2.0 / 60 + 3.0 / 30, 1.0 / 60 + 3.0 / 30
-    assert rate_ceilings(rows(60.0, 30.0), [1.0, 0.7])[0.7] == pytest.approx(dense / sparse)
+    assert benchmark.rate_ceilings(rows(60.0, 30.0), [1.0, 0.7])[0.7] == pytest.approx(dense / sparse)
     assert dense / sparse < 5.0 / 4.0
 
 
-def test_breakdown_of_a_model_without_routing_is_a_clear_error():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('benchmark_tool', 'tools/analysis/benchmark.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    with pytest.raises(SystemExit, match='--breakdown times the parts routing changes .* UViTDiffusion has none'):
-        benchmark.main(['configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py', '--breakdown', '--batch-size', '1'])
+def test_each_benchmark_refuses_models_it_does_not_time():
+    """Dispatch is by class: benchmark.py varies a sparse backbone's keep ratio and names the script for the rest."""
+    with pytest.raises(SystemExit, match='UViTDiffusion has no keep ratio to vary: use tools/analysis/'
+                                         'benchmark_diffusion_training.py'):
+        benchmark.main(['configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py', '--batch-size', '1'])
+    with pytest.raises(SystemExit, match='DVT has no keep ratio to vary: use tools/analysis/benchmark_early_exit.py'):
+        benchmark.main(['configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py', '--batch-size', '1'])
+    early_exit = load_tool('tools/analysis/benchmark_early_exit.py')
+    with pytest.raises(SystemExit, match='times DVT\'s early exit; .* builds DynamicViTClassifier'):
+        early_exit.main(['configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py', '--batch-size', '1'])

@@ -50,6 +50,7 @@ def setup(tmp_path_factory):
     return root, config
 
 
+@pytest.mark.slow
 def test_tools_test_takes_an_official_checkpoint_with_ema_hooks(setup):
     root, config = setup
     official, converted = root / 'official.pth', root / 'converted.pth'
@@ -108,7 +109,7 @@ def test_the_frameworks_own_loader_converts_and_refuses_misfits(tmp_path):
     """mmengine's load_checkpoint (what mmdet's / mmseg's / mmpretrain's tools use) with no hook of ours."""
     from mmengine.runner import load_checkpoint
 
-    from sparsevit_mm.utils.setup_env import read_config
+    from sparsevit_mm.utils.config import read_config
     model_cfg = read_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model
     arch = dict(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8])
     model_cfg.neck.in_channels = [32, 64, 128, 256]
@@ -146,6 +147,7 @@ def test_teacher_and_init_cfg_routes(tmp_path):
                        headless['score_predictor.2.out_conv.4.weight'])
 
 
+@pytest.mark.slow
 def test_converter_asks_for_the_head_count(tmp_path):
     sd = official_tiny(num_classes=3)
     torch.save({'model': sd}, tmp_path / 'official.pth')

@@ -6,7 +6,7 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
 from sparsevit_mm.models import TokenLabelingClsHead
-from sparsevit_mm.utils.setup_env import read_config
+from sparsevit_mm.utils.config import read_config
 
 from .helpers import TINY_ARCH, save_tiny_teacher
 

@@ -7,7 +7,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
 
-from sparsevit_mm.utils.setup_env import load_config
+from sparsevit_mm.utils.config import load_config
 
 from .helpers import REPO, TINY_ARCH, make_imagenet_folder, tiny_classifier_config
 from .reference.official_vit import random_official_state_dict

@@ -9,7 +9,7 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope, MODELS
 
 from sparsevit_mm.engine import KeepRatioLossHook
-from sparsevit_mm.utils.setup_env import read_config
+from sparsevit_mm.utils.config import read_config
 
 from .helpers import detection_config, make_ade, make_coco, run_tool, segmentation_config
 
@@ -79,6 +79,7 @@ def coco(tmp_path_factory):
     return make_coco(tmp_path_factory.mktemp('coco'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['swin', 'convnext'])
 def test_tools_train_and_test_mask_rcnn_on_a_tiny_coco(coco, tmp_path, kind):
     config = tmp_path / f'mask_rcnn_{kind}.py'
@@ -90,6 +91,7 @@ def test_tools_train_and_test_mask_rcnn_on_a_tiny_coco(coco, tmp_path, kind):
     assert re.search(r'coco/bbox_mAP: [\d.]+', text) and re.search(r'coco/segm_mAP: [\d.]+', text)
 
 
+@pytest.mark.slow
 def test_tools_train_and_test_upernet_on_a_tiny_ade(tmp_path):
     data = make_ade(tmp_path / 'ade')
     config = tmp_path / 'upernet.py'
@@ -100,6 +102,7 @@ def test_tools_train_and_test_upernet_on_a_tiny_ade(tmp_path):
     assert re.search(r'mIoU: [\d.]+', out.stdout + out.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family,dense,dynamic', [('swin', 4.51, 4.04), ('convnext', 4.47, 3.57)])
 def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
     """Inference-path FLOPs at 224: dense Swin-T / ConvNeXt-T and the keep-0.7 models (paper: 4.0 and 3.6)."""
@@ -110,6 +113,7 @@ def test_get_flops_of_the_imagenet_configs(family, dense, dynamic):
     assert float(rows['0.700']) == pytest.approx(dynamic, abs=0.005)
 
 
+@pytest.mark.slow
 def test_benchmark_times_a_detector_backbone_side_by_side():
     config = 'configs/dynamic_convnext/mask-rcnn_dynamic-convnext-t-r0.7_fpn_1x_coco.py'
     out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '128', '192', '--rounds', '2',
@@ -139,6 +143,7 @@ def whole_model_rows(stdout: str):
     return gflops, parts
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_whole_segmentor_side_by_side():
     """On a segmentation config: the whole test_step, both settings' whole-model GFLOPs, where the time goes."""
     config = 'configs/dynamic_swin/upernet_dynamic-swin-t-r0.7_8xb2-160k_ade20k-512x512.py'
@@ -157,6 +162,7 @@ def test_benchmark_times_the_whole_segmentor_side_by_side():
         run_tool('tools/analysis/benchmark.py', config, '--breakdown', '--rounds', '1')
 
 
+@pytest.mark.slow
 def test_whole_detector_benchmark_gives_both_settings_equal_head_work():
     """Random weights pass a keep-ratio-dependent number of boxes through the score threshold; the benchmark sets
     it to 0 so both settings' mask heads see max_per_img boxes, and says so (the config's with a flag)."""

@@ -4,9 +4,8 @@ import re
 import pytest
 import torch
 
-from sparsevit_mm.converters.dvt import official_dvt_to_ours
 from sparsevit_mm.models import DVT
-from sparsevit_mm.models.classifiers.dvt import exit_fraction_targets, fit_thresholds
+from sparsevit_mm.models.classifiers.dvt import exit_fraction_targets, fit_thresholds, official_dvt_to_ours
 
 from .helpers import TINY_DVT, dvt_config, make_imagenet_folder, run_tool
 from .reference.official_dvt import official_dvt_forward, official_dvt_state_dict
@@ -154,6 +153,7 @@ def test_train_logs_every_exit_loss(dvt_run):
     assert (root / 'work' / 'iter_4.pth').is_file()
 
 
+@pytest.mark.slow
 def test_test_tool_reports_anytime_and_budgeted_accuracy(dvt_run):
     root, config, _ = dvt_run
     ckpt = root / 'work' / 'iter_4.pth'
@@ -165,6 +165,7 @@ def test_test_tool_reports_anytime_and_budgeted_accuracy(dvt_run):
     assert re.search(r'early_exit/exit1_fraction: 1\.0', out.stdout + out.stderr)
 
 
+@pytest.mark.slow
 def test_threshold_tool_fits_a_table_and_test_picks_a_budget(dvt_run):
     root, config, _ = dvt_run
     fitted = root / 'fitted.pth'
@@ -182,6 +183,7 @@ def test_threshold_tool_fits_a_table_and_test_picks_a_budget(dvt_run):
     assert gflops <= budget * 1.5  # the test split is not the fit split; the cost stays near the budget
 
 
+@pytest.mark.slow
 def test_converter_cli_keeps_costs_and_thresholds(tmp_path):
     source = DVT(arch=TINY_DVT, num_classes=3)
     official = official_dvt_state_dict(source.state_dict())
@@ -206,6 +208,7 @@ def test_an_exit_is_a_backbone():
     assert model(torch.randn(2, 3, 224, 224)).shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_get_flops_reports_each_exit():
     out = run_tool('tools/analysis/get_flops.py', 'configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py')
     costs = [float(x) for x in re.findall(r'^\s+\d \|\s+\d+\^2 \|\s+([\d.]+) \|', out.stdout, re.M)]

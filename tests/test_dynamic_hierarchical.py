@@ -4,8 +4,9 @@ import torch
 from mmdet.models.backbones import SwinTransformer
 from mmpretrain.models.backbones import ConvNeXt
 
-from sparsevit_mm.converters.hierarchical import convnext_to_backbone, swin_to_backbone
 from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
+from sparsevit_mm.models.backbones.dynamic_convnext import DynamicConvNeXtBlock, convnext_to_backbone
+from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock, swin_to_backbone
 from sparsevit_mm.utils import CheckpointMismatchError
 
 from .reference.official_hierarchical import (official_convnext_forward, official_swin_forward,
@@ -110,16 +111,39 @@ def test_training_mixes_paths_and_reaches_the_predictors(cls, arch):
 
 @pytest.mark.parametrize('cls', [DynamicSwinTransformer, DynamicConvNeXt])
 def test_inference_uses_fast_path_on_the_rest(cls):
-    """Every position gets an update: slow-path positions differ from fast-path ones, none is left untouched."""
+    """Every position of a routed block gets an update: its slow path takes the predictor's best positions and its
+    fast path every other one (none is left untouched), and on the same image the result differs from dense."""
     model = cls(arch='tiny', keep_ratio=0.5)
     model.init_weights()
     model.eval()
+    images = torch.randn(1, 3, 224, 224)
+    rows = {}  # block -> [slow-path rows, fast-path rows]
+
+    def counter(block, path):
+        def hook(module, args, output):
+            rows.setdefault(block, [0, 0])[path] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        return hook
+
+    blocks = [b for b in model.modules() if isinstance(b, (DynamicSwinBlock, DynamicConvNeXtBlock))
+              and getattr(b, 'fast_path', None) is not None]
+    handles = []
+    for block in blocks:
+        handles.append(block.get_submodule(block.slow_path_modules[-1]).register_forward_hook(counter(block, 0)))
+        handles.append(block.fast_path.register_forward_hook(counter(block, 1)))
     with torch.no_grad():
-        sparse = model.forward_sparse(torch.randn(1, 3, 224, 224))
+        sparse = model.forward_sparse(images)
+        for handle in handles:
+            handle.remove()
         model.keep_ratio = 1.0
-        dense = model.forward_sparse(torch.randn(1, 3, 224, 224))
-    assert [k.shape[1] for k in sparse.kept_indices] == [98, 58, 19]
+        dense = model.forward_sparse(images)
+    assert [k.shape[1] for k in sparse.kept_indices] == [98, 58, 19]  # of the 14 x 14 stage-3 positions
+    routed = {block: counts for block, counts in rows.items() if counts[1] > 0}
+    assert len(routed) >= len(sparse.kept_indices)
+    assert all(slow + fast == 14 * 14 for slow, fast in routed.values())
+    assert sorted({slow for slow, _ in routed.values()}) == [19, 58, 98]
     assert dense.kept_indices == [] and all(torch.isfinite(o).all() for o in sparse.outs)
+    # same image: routing changed the result (slightly for ConvNeXt, whose fresh layer scales are 1e-6)
+    assert not torch.equal(sparse.outs[-1], dense.outs[-1])
 
 
 def test_pretrained_from_dense_official_checkpoints_and_errors(tmp_path):

@@ -3,8 +3,8 @@ import pytest
 import timm
 import torch
 
-from sparsevit_mm.converters.dynamicvit import infer_backbone_kwargs, split_official, to_backbone_state_dict
 from sparsevit_mm.models import DynamicViT
+from sparsevit_mm.models.backbones.dynamic_vit import infer_backbone_kwargs, split_official, to_backbone_state_dict
 from sparsevit_mm.utils import CheckpointMismatchError
 
 from .reference.official_vit import official_forward, random_official_state_dict

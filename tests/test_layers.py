@@ -1,10 +1,15 @@
 """Shared token-sparsity primitives."""
 import pytest
 import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 
-from sparsevit_mm.layers import (KeepPolicyAttention, SlowFastRouting, TokenScorePredictor, batch_gather,
+from sparsevit_mm.layers import (KeepPolicyAttention, SlowFastRouting, TokenPruning, TokenScorePredictor, batch_gather,
                                  batch_scatter, check_prune_layers, keep_ratio_loss, num_kept, sample_keep_decision,
                                  softmax_with_keep_policy, split_by_score, stage_keep_ratios, topk_indices)
+from sparsevit_mm.models.backbones.dvt_exit import RelationAttention
+from sparsevit_mm.models.backbones.dynamic_vit import DynamicViTBlock
+from sparsevit_mm.models.backbones.uvit import UViTBlock
 
 
 def test_gather_scatter_match_indexing():
@@ -138,3 +143,78 @@ def test_predictor_global_context_ignores_dropped_tokens():
     assert torch.allclose(predictor(x2, policy)[0, :4], out[0, :4], atol=1e-6)
     # Without a policy the context is the mean of all tokens: the first four scores change.
     assert not torch.allclose(predictor(x2)[0, :4], predictor(x)[0, :4])
+
+
+def test_attention_without_a_policy_is_timms_own():
+    torch.manual_seed(0)
+    attn = KeepPolicyAttention(32, 4).eval()
+    plain = Attention(32, 4, qkv_bias=True).eval()
+    plain.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 9, 32)
+    assert torch.equal(attn(x), plain(x))
+
+
+def test_timm_subclasses_keep_the_official_state_dict_keys():
+    attn = KeepPolicyAttention(32, 4)
+    assert isinstance(attn, Attention)
+    assert list(attn.state_dict()) == ['qkv.weight', 'qkv.bias', 'proj.weight', 'proj.bias']
+    block = DynamicViTBlock(32, 4, mlp_ratio=2.0, qkv_bias=False, residual_scale=2.0)
+    assert isinstance(block, Block) and isinstance(block.attn, KeepPolicyAttention) and block.norm1.eps == 1e-6
+    assert list(block.state_dict()) == [
+        'norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.proj.weight', 'attn.proj.bias', 'norm2.weight',
+        'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
+    out_block = UViTBlock(32, 4, skip=True)
+    assert isinstance(out_block, Block) and isinstance(out_block.attn, Attention) and out_block.norm1.eps == 1e-5
+    assert sorted(out_block.state_dict()) == sorted([
+        'skip_linear.weight', 'skip_linear.bias', 'norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.proj.weight',
+        'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
+        'mlp.fc2.bias'])
+    relation = RelationAttention(32, 4)
+    assert isinstance(relation, Attention)
+    assert list(relation.state_dict()) == ['qkv.weight', 'proj.weight', 'proj.bias']
+
+
+def _score_by_first_channel(patches, policy=None):
+    """A stand-in score predictor: (B, N, C) -> (B, N, 2) with the keep score = the first channel."""
+    return torch.stack([patches[..., 0], -patches[..., 0]], dim=-1)
+
+
+def test_token_pruning_inference_keeps_the_best_tokens_and_fills_the_map_back():
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 9, 4)  # cls + 8 patch tokens
+    order = tokens[:, 1:, 0].argsort(dim=1, descending=True)  # absolute patch positions, best first
+    pruning = TokenPruning(num_patches=8, keep_dropped=True)
+    x = pruning.select(_score_by_first_channel, tokens, 0.5)
+    assert torch.equal(pruning.kept, order[:, :4])
+    assert torch.equal(x, torch.stack([tokens[b, [0, *(order[b, :4] + 1).tolist()]] for b in range(2)]))
+    x = pruning.select(_score_by_first_channel, 2 * x, 0.25)  # as if a block had doubled the kept tokens
+    assert torch.equal(pruning.kept, order[:, :2]), 'kept holds absolute positions'
+    assert x.shape == (2, 3, 4) and torch.equal(x[:, 0], 2 * tokens[:, 0])
+    featmap = pruning.fill_back(3 * x[:, 1:])
+    for b in range(2):
+        ranks = order[b].tolist()
+        for position in range(8):
+            rank = ranks.index(position)
+            scale = 6 if rank < 2 else 2 if rank < 4 else 1  # kept to the end / dropped at stage 2 / at stage 1
+            assert torch.equal(featmap[b, position], scale * tokens[b, 1 + position])
+    assert pruning.decision is None and pruning.policy is None
+
+
+def test_token_pruning_training_decisions_nest_and_the_policy_keeps_the_cls_token():
+    tokens = torch.randn(2, 9, 4)
+    seen_policies = []
+
+    def predictor(patches, policy=None):
+        seen_policies.append(policy)
+        keep = torch.tensor([1., 1., 1., 1., 0., 0., 0., 0.]) if len(seen_policies) == 1 else torch.ones(8)
+        return torch.stack([(keep - 1) * 1e4, -keep * 1e4], dim=-1).expand(2, -1, -1)  # certain decisions
+
+    pruning = TokenPruning(num_patches=8)
+    first = pruning.sample(predictor, tokens)
+    assert torch.equal(first, torch.tensor([[1., 1., 1., 1., 0., 0., 0., 0.]] * 2))
+    assert torch.equal(seen_policies[0], torch.ones(2, 8, 1))
+    second = pruning.sample(predictor, tokens)
+    assert torch.equal(second, first), 'a token dropped earlier stays dropped'
+    assert torch.equal(seen_policies[1], first.unsqueeze(-1)), 'the predictor scores over the tokens still kept'
+    assert torch.equal(pruning.policy, torch.cat([torch.ones(2, 1), first], dim=1))
+    assert pruning.kept is None and pruning.dropped is None

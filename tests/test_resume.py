@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sparsevit_mm.engine import RandomStateHook, random_state
-from sparsevit_mm.utils.setup_env import add_random_state_hook, load_config
+from sparsevit_mm.launch import add_random_state_hook
+from sparsevit_mm.utils.config import load_config
 
 from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
 

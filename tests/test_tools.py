@@ -39,6 +39,7 @@ def write_config(root, data, teacher, name, work_dir, **kwargs):
     return path
 
 
+@pytest.mark.slow
 def test_train_test_resume(setup):
     root, data, teacher = setup
     work = root / 'work'
@@ -65,6 +66,7 @@ def test_train_test_resume(setup):
     assert state['meta']['iter'] == 6
 
 
+@pytest.mark.slow
 def test_two_process_gloo_train_test_resume(setup):
     root, data, teacher = setup
     work = root / 'work_dist'
@@ -85,6 +87,7 @@ def test_two_process_gloo_train_test_resume(setup):
     assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
 
 
+@pytest.mark.slow
 def test_get_flops_deit_small_matches_the_paper():
     out = run_tool('tools/analysis/get_flops.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
                    '--keep-ratios', '1.0', '0.7')
@@ -93,6 +96,7 @@ def test_get_flops_deit_small_matches_the_paper():
     assert float(rows['0.700']) == pytest.approx(2.9, abs=0.1)
 
 
+@pytest.mark.slow
 def test_benchmark_prints_side_by_side_ratio():
     out = run_tool('tools/analysis/benchmark.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
                    '--batch-size', '2', '--rounds', '1', '--iters', '1', '--warmup', '1')
@@ -102,6 +106,7 @@ def test_benchmark_prints_side_by_side_ratio():
     assert 'freed memory kept' in out.stdout
 
 
+@pytest.mark.slow
 def test_visualize_tokens(setup, tmp_path):
     root, data, teacher = setup
     config = write_config(root, data, None, 'tiny_vis', tmp_path / 'vis')
@@ -116,6 +121,7 @@ def test_visualize_tokens(setup, tmp_path):
         assert png.size[0] > png.size[1] > 100
 
 
+@pytest.mark.slow
 def test_visualize_tokens_of_a_dynamic_swin_detector(tmp_path):
     """The slow-path positions of each predictor on the test-size image, and the classes the detector finds."""
     from .helpers import detection_config, make_coco
@@ -132,3 +138,12 @@ def test_visualize_tokens_of_a_dynamic_swin_detector(tmp_path):
     assert '1 pruning stages' in out.stdout and re.search(r'detected \(score >= 0.0\): (box|blob)', out.stdout)
     with Image.open(tmp_path / 'd.png') as png:
         assert png.size[0] > png.size[1]
+
+
+@pytest.mark.slow
+def test_import_time_tool_prints_every_row():
+    out = run_tool('tools/analysis/import_time.py', '--repeats', '1')
+    rows = dict(re.findall(r'^\s*(.+?) \|\s+([\d.]+)$', out.stdout, re.M))
+    assert set(rows) == {'import torch', 'mmpretrain / mmdet / mmseg registries', 'import sparsevit_mm',
+                         'import sparsevit_mm.layers', 'sparsevit_mm + build DynamicViT'}
+    assert all(float(value) > 0 for value in rows.values())

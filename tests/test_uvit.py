@@ -11,7 +11,7 @@ from sparsevit_mm.apis import convert_official
 from sparsevit_mm.models import UViT, UViTDiffusion
 from sparsevit_mm.models.diffusion import DiscreteSchedule, VPSchedule, dpm_solver_sample
 
-from .helpers import TINY_UVIT, make_imagenet_folder, run_tool, uvit_config
+from .helpers import REPO, TINY_UVIT, load_tool, make_imagenet_folder, run_tool, uvit_config
 from .reference.official_uvit import official_uvit_forward
 
 
@@ -178,7 +178,7 @@ def test_uvit_backbone_in_mmseg_upernet():
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
-    from sparsevit_mm.utils.setup_env import load_config
+    from sparsevit_mm.utils.config import load_config
     cfg = load_config('configs/uvit/upernet_uvit-small-p16_8xb2-160k_ade20k-512x512.py')
     cfg.model.data_preprocessor.size = (128, 128)
     with DefaultScope.overwrite_default_scope('mmseg'):
@@ -215,6 +215,7 @@ def _losses(work_dir):
     return [json.loads(line)['loss'] for f in files for line in f.read_text().splitlines() if '"loss"' in line]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_resumes(trained):
     root, config = trained
     losses = _losses(root / 'work')
@@ -225,6 +226,7 @@ def test_training_lowers_the_loss_and_resumes(trained):
     assert torch.load(root / 'work' / 'iter_220.pth', weights_only=False)['meta']['iter'] == 220
 
 
+@pytest.mark.slow
 def test_sample_tool_writes_images_and_a_grid(trained):
     root, config = trained
     out_dir = root / 'samples'
@@ -238,6 +240,7 @@ def test_sample_tool_writes_images_and_a_grid(trained):
         assert image.size == (32, 32)
 
 
+@pytest.mark.slow
 def test_fid_tool_on_two_folders(trained, tmp_path):
     root, _ = trained
     from torchvision.models import inception_v3
@@ -256,12 +259,8 @@ def test_fid_tool_on_two_folders(trained, tmp_path):
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula():
-    import importlib.util
-
     from scipy import linalg
-    spec = importlib.util.spec_from_file_location('fid_tool', 'tools/analysis/fid.py')
-    fid_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fid_tool)
+    fid_tool = load_tool('tools/analysis/fid.py')
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6)) * 1.5 + 0.3
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -270,19 +269,21 @@ def test_frechet_distance_matches_the_matrix_square_root_formula():
     assert fid_tool.frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_training_benchmark_compares_attention_and_checkpointing():
-    out = run_tool('tools/analysis/benchmark.py', 'configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py',
-                   '--batch-size', '2', '--rounds', '1', '--iters', '1', '--warmup', '1')
+    out = run_tool('tools/analysis/benchmark_diffusion_training.py',
+                   'configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py', '--batch-size', '2', '--rounds', '1',
+                   '--iters', '1', '--warmup', '1')
     rows = dict(re.findall(r'^\s*([a-z +]+?) \|\s+[\d.]+ \|\s+[\d.]+x \|\s+([\d.]+)$', out.stdout, re.M))
     assert set(rows) >= {'math attention', 'sdpa', 'sdpa + checkpointing'}
     assert float(rows['sdpa + checkpointing']) < 0.5 * float(rows['sdpa'])
 
 
-@pytest.mark.parametrize('path', sorted(Path('configs/uvit').glob('uvit-*.py')), ids=lambda p: p.stem)
+@pytest.mark.parametrize('path', sorted((REPO / 'configs/uvit').glob('uvit-*.py')), ids=lambda p: p.stem)
 def test_diffusion_configs_build(path):
     from mmengine.registry import MODELS, DefaultScope
 
-    from sparsevit_mm.utils.setup_env import load_config
+    from sparsevit_mm.utils.config import load_config
     cfg = load_config(str(path))
     if cfg.model.get('autoencoder'):  # the Stable Diffusion weights are a user's local file; structure only here
         assert cfg.model.autoencoder.scale_factor == 0.18215

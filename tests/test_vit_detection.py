@@ -10,7 +10,7 @@ from mmengine.registry import DefaultScope, MODELS
 from sparsevit_mm.engine import KeepRatioLossHook
 from sparsevit_mm.layers import num_kept
 from sparsevit_mm.models import SimpleFeaturePyramid
-from sparsevit_mm.utils.setup_env import read_config
+from sparsevit_mm.utils.config import read_config
 
 from .helpers import make_coco, run_tool, vit_detection_config
 
@@ -123,6 +123,7 @@ def test_deit_small_mask_rcnn_trains_one_step_and_predicts_at_keep_07():
 
 
 # ------------------------------------------------------------------------------------------------ tools end to end
+@pytest.mark.slow
 def test_tools_train_and_test_dynamicvit_mask_rcnn_on_a_tiny_coco(tmp_path):
     coco = make_coco(tmp_path / 'coco')
     config = tmp_path / 'mask_rcnn_dynamicvit.py'

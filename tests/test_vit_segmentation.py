@@ -13,7 +13,7 @@ from mmseg.registry import MODELS as SEG_MODELS
 from sparsevit_mm.engine import KeepRatioLossHook
 from sparsevit_mm.models import DynamicViT
 from sparsevit_mm.utils import load_weights
-from sparsevit_mm.utils.setup_env import read_config
+from sparsevit_mm.utils.config import read_config
 
 from .helpers import TINY_ARCH, make_ade, run_tool, vit_segmentation_config
 
@@ -181,6 +181,7 @@ def ade(tmp_path_factory):
     return make_ade(tmp_path_factory.mktemp('ade'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['upernet', 'segmenter'])
 def test_tools_train_and_test_on_a_tiny_ade(ade, tmp_path, kind):
     config = tmp_path / f'{kind}.py'

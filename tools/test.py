@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
-from sparsevit_mm.utils.setup_env import (add_checkpoint_layout_hook, build_runner,  # noqa: E402
-                                          common_dataloader_defaults, load_config, setup_launcher,
-                                          teardown_distributed)
+from sparsevit_mm.launch import (add_checkpoint_layout_hook, build_runner, common_dataloader_defaults,  # noqa: E402
+                                 setup_launcher, teardown_distributed)
+from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 
 def parse_args(argv=None):

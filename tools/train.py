@@ -13,10 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
-from sparsevit_mm.utils.setup_env import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
-                                          add_random_state_hook, build_runner, common_dataloader_defaults,
-                                          enable_amp, load_config, parse_resume, setup_launcher,
-                                          teardown_distributed)
+from sparsevit_mm.launch import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
+                                 add_random_state_hook, build_runner, common_dataloader_defaults, enable_amp,
+                                 parse_resume, setup_launcher, teardown_distributed)
+from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -13,12 +13,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the benchmark's test-size helpers
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'analysis'))  # the test-size helpers
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from _benchmarking import dense_prediction_framework, test_size, test_step_data  # noqa: E402
 
 from sparsevit_mm.apis import init_model  # noqa: E402
 from sparsevit_mm.models.backbones.base import SparseBackbone  # noqa: E402
@@ -102,19 +104,17 @@ def main(argv=None):
                          'DynamicConvNeXt); nothing to visualise')
     if args.keep_ratio is not None:
         backbone.keep_ratio = args.keep_ratio
-    framework = next((f for f in ('mmdet', 'mmseg') if type(model).__module__.startswith(f + '.')), None)
+    framework = dense_prediction_framework(model)
     classes = class_names(model, model.cfg, args.checkpoint)
     if framework is None:
         size = backbone.grid_size[0] * backbone.patch_size if hasattr(backbone, 'grid_size') else 224
         image = load_classification_image(args.image, size)
     else:
-        from analysis.benchmark import test_size  # tools/analysis: the config's test size
         image = load_dense_image(args.image, *test_size(model.cfg, framework))
     uint8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     # RGB image; the data preprocessor expects the pipeline's BGR and converts it where the config says so
     data = dict(inputs=[uint8.flip(0)], data_samples=None)
     if framework is not None:
-        from analysis.benchmark import test_step_data
         data = test_step_data(framework, 1, *image.shape[:2])
         data['inputs'] = [uint8.flip(0)]
     with torch.no_grad():

@@ -2,8 +2,7 @@
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import Attention
 
 
 def softmax_with_keep_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,36 +27,36 @@ def softmax_with_keep_policy(logits: torch.Tensor, policy: torch.Tensor, eps: fl
     return weights.to(logits.dtype)
 
 
-class KeepPolicyAttention(nn.Module):
-    """Self-attention over (B, N, C) tokens.
+class KeepPolicyAttention(Attention):
+    """timm's multi-head self-attention over (B, N, C) tokens, which also takes a (B, N) keep policy.
 
-    Without a policy it is ordinary attention through ``scaled_dot_product_attention`` (flash / memory-
-    efficient kernels where available). With a (B, N) keep policy, dropped tokens are masked as in
-    :func:`softmax_with_keep_policy` (the training path of token pruning).
+    Without a policy, ``forward`` is timm's own (``scaled_dot_product_attention`` where timm fuses attention).
+    With one, dropped tokens are masked as in :func:`softmax_with_keep_policy` (the training path of token
+    pruning), with the inherited ``qkv`` / ``scale`` / ``attn_drop`` / ``proj`` / ``proj_drop``.
+
+    Args:
+        embed_dims / num_heads / qkv_bias / attn_drop / proj_drop: as timm's ``Attention`` (``dim``, ...).
+        attention_options: any further timm ``Attention`` arguments (what timm's ``Block`` passes).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
+                 proj_drop: float = 0.0, **attention_options):
         if embed_dims % num_heads:
             raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dims = embed_dims // num_heads
-        self.scale = self.head_dims ** -0.5
-        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(embed_dims, embed_dims)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(embed_dims, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         **attention_options)
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batch, num_tokens, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
-        drop = self.attn_drop if self.training else 0.0
+        """x: (B, N, C); policy: (B, N) 1 kept / 0 dropped, or None. Returns (B, N, C)."""
         if policy is None:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        else:
-            weights = softmax_with_keep_policy((q * self.scale) @ k.transpose(-2, -1), policy)
-            x = F.dropout(weights, drop, self.training) @ v
-        x = x.transpose(1, 2).reshape(batch, num_tokens, channels)
+            return super().forward(x)
+        batch, num_tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        weights = softmax_with_keep_policy((q * self.scale) @ k.transpose(-2, -1), policy)
+        x = self.norm((self.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
+        if gate is not None:
+            x = x * gate
         return self.proj_drop(self.proj(x))

@@ -7,6 +7,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 
 from ..utils.checkpoint import load_weights
+from ..utils.config import read_config
 
 
 class TeacherOutputs(NamedTuple):
@@ -37,7 +38,6 @@ class FrozenTeacher:
             raise ValueError('teacher needs exactly one of `config` (an mmpretrain config file) or `model` '
                              f'(a model dict); got config={config!r}, model={model!r}')
         if config is not None:
-            from ..utils.setup_env import read_config
             model = read_config(config).model
         from mmpretrain.registry import MODELS
         self.model: nn.Module = MODELS.build(ConfigDict(model) if isinstance(model, dict) else model)

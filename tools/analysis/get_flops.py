@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
-from sparsevit_mm.analysis import count_flops  # noqa: E402
 from sparsevit_mm.apis import init_model  # noqa: E402
+from sparsevit_mm.utils.flops import count_flops  # noqa: E402
 
 
 def parse_args(argv=None):

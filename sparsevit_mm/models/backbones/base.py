@@ -1,4 +1,5 @@
-"""What every sparsevit-mm backbone shares: the forward contract, arch lookup, and checked pretrained loading."""
+"""What every sparsevit-mm backbone shares: the forward contract, arch lookup, and checked pretrained loading;
+and the checkpoint-layout helpers that the Swin and ConvNeXt conversions share."""
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -7,7 +8,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers import SlowFastRouting, num_kept, sample_keep_decision, split_by_score, stage_keep_ratios
-from ...utils.checkpoint import CheckpointLayoutMixin, load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, load_weights
 
 
 @dataclass
@@ -170,3 +171,36 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
     def load_checked(self, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict'):
         """Load weights of any supported layout strictly (see :func:`~sparsevit_mm.utils.load_weights`)."""
         load_weights(self, state_dict, source=source)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts shared by DynamicSwinTransformer and DynamicConvNeXt (their conversions sit beside them):
+# checkpoints trained with mmpretrain / mmdet / mmseg load as they are once ``backbone.`` prefixes are stripped;
+# the official dynamic versions name the score predictors as below.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_HEAD_PREFIXES = ('head.', 'neck.', 'data_preprocessor.')
+
+
+def strip_model_prefix(state_dict: StateDict) -> StateDict:
+    """A full detector / segmentor / classifier checkpoint -> its ``backbone.*`` part, prefix removed."""
+    if any(k.startswith('backbone.') for k in state_dict):
+        return {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+    return dict(state_dict)
+
+
+def _predictor_key(rest: str) -> str:
+    """Official predictor sub-key (``in_conv.0.weight`` ...) -> ours (``norm.weight`` ...)."""
+    for old, new in (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
+                     ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.')):
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def _zoo_name(zoo: dict, arch: dict):
+    for name, settings in zoo.items():
+        if all(list(settings[k]) == list(v) if isinstance(v, (list, tuple)) else settings[k] == v
+               for k, v in arch.items()):
+            return name
+    return None

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model import BaseModule
-from timm.layers import DropPath, Mlp
+from mmpretrain.models.backbones.t2t_vit import get_sinusoid_encoding
+from timm.layers import Attention, DropPath, Mlp
 
 from ...layers import init_vit_weights
 from ...utils.checkpoint import CheckpointLayoutMixin
@@ -32,17 +33,6 @@ from ...utils.checkpoint import CheckpointLayoutMixin
 T2T_FIRST_SPLIT = {7: (14, 8, 3), 10: (11, 6, 5), 14: (7, 4, 2)}
 PATCH_EMBED = {7: (32, 0), 10: (23, 3), 14: (16, 0)}
 REUSED_FEATURE_DIMS = 48
-
-
-def sinusoid_table(num_positions: int, dims: int) -> torch.Tensor:
-    """The fixed sine / cosine position table of T2T-ViT: (1, num_positions, dims)."""
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    rate = torch.pow(10000.0, 2 * (torch.arange(dims) // 2) / dims)[None]
-    angles = position / rate
-    table = torch.empty(num_positions, dims, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angles[:, 0::2])
-    table[:, 1::2] = torch.cos(angles[:, 1::2])
-    return table.float()[None]
 
 
 @lru_cache(maxsize=None)
@@ -136,41 +126,36 @@ class ConvPatchTokenizer(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class RelationAttention(nn.Module):
-    """Self-attention that can add reused relations to its logits and returns its own pre-softmax logits."""
-
-    def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (embed_dims // num_heads) ** -0.5
-        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
-        self.proj = nn.Linear(embed_dims, embed_dims)
+class RelationAttention(Attention):
+    """timm's self-attention that can add reused relations to its logits and returns its own pre-softmax logits."""
 
     def forward(self, x: torch.Tensor, relation: Optional[torch.Tensor] = None,
                 need_logits: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, C); relation: (B, H, N, N) added to the logits. Returns the output and (B, H, N, N) logits."""
-        batch, num, channels = x.shape
-        q, k, v = self.qkv(x).reshape(batch, num, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if need_logits:
-            logits = (q @ k.transpose(-2, -1)) * self.scale
-            if relation is not None:
-                logits = logits + relation
-            out = logits.softmax(dim=-1) @ v
-        else:  # nobody downstream needs the logits: let SDPA fuse them
-            logits = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=relation)
-        return self.proj(out.transpose(1, 2).reshape(batch, num, channels)), logits
+        if not need_logits:  # nobody downstream needs the logits: timm's forward (SDPA) with the relations as a bias
+            return super().forward(x, attn_mask=relation), None
+        batch, num, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, num, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, d)
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if relation is not None:
+            logits = logits + relation
+        out = (self.attn_drop(logits.softmax(dim=-1)) @ v).transpose(1, 2).reshape(batch, num, self.attn_dim)
+        return self.proj_drop(self.proj(out)), logits
 
 
 class DVTBlock(nn.Module):
-    """Pre-norm block; with feature reuse, the MLP also sees 48 channels made from the previous exit's tokens."""
+    """Pre-norm block; with feature reuse, the MLP also sees 48 channels made from the previous exit's tokens.
+
+    Built from timm's parts, not a timm ``Block``: with feature reuse its ``norm2`` / ``mlp`` are D + 48 wide.
+    """
 
     def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
                  feature_reuse: bool, norm_eps: float):
         super().__init__()
         extra = REUSED_FEATURE_DIMS if feature_reuse else 0
         self.norm1 = nn.LayerNorm(embed_dims, eps=norm_eps)
-        self.attn = RelationAttention(embed_dims, num_heads, qkv_bias)
+        self.attn = RelationAttention(embed_dims, num_heads, qkv_bias=qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(embed_dims + extra, eps=norm_eps)
         self.mlp = Mlp(embed_dims + extra, int(embed_dims * mlp_ratio), embed_dims)
@@ -221,7 +206,8 @@ class DVTExit(CheckpointLayoutMixin, BaseModule):
         self.feature_reuse, self.relation_reuse = feature_reuse, relation_reuse
         if tokenizer == 't2t':
             self.tokenizer = T2TTokenizer(grid, embed_dims)
-            self.pos_embed = nn.Parameter(sinusoid_table(grid * grid + 1, embed_dims), requires_grad=False)
+            # T2T-ViT's fixed sine / cosine table (mmpretrain's copy of the official one): (1, 1 + grid^2, D)
+            self.pos_embed = nn.Parameter(get_sinusoid_encoding(grid * grid + 1, embed_dims), requires_grad=False)
             norm_eps = 1e-5
         elif tokenizer == 'patch':
             self.tokenizer = ConvPatchTokenizer(grid, embed_dims)

@@ -8,7 +8,10 @@ the best ``keep_ratio - 0.2 * s`` of the positions through the block's own point
 through a LayerNorm + Linear (fast path); the 7x7 depthwise convolution always sees the whole map, so every stage
 still yields a complete feature map for FPN / UperNet. Built on mmpretrain's ``ConvNeXt`` (same parameter names,
 so its checkpoints and mmdet / mmseg layer-decay recipes apply unchanged); ``keep_ratio=1.0`` is exactly it.
+The official ConvNeXt / DynamicCNN layouts are converted by the functions at the end of this file
+(:func:`convnext_to_backbone`, :func:`infer_convnext_kwargs`).
 """
+import re
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -20,7 +23,8 @@ from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 from mmpretrain.models.utils import LayerNorm2d
 
 from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers
-from .base import SparseBackbone, TokenSparsityResult
+from ...utils.checkpoint import StateDict
+from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
 
 
 class DynamicConvNeXtBlock(ConvNeXtBlock):
@@ -178,7 +182,6 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
             self.init_cfg = saved
 
     def convert_checkpoint(self, state_dict, checkpoint=None):
-        from ...converters.hierarchical import convnext_to_backbone
         return convnext_to_backbone(state_dict, self.out_indices)
 
     def _freeze_stages(self):
@@ -229,3 +232,54 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
                 routing = self.route(prune_at[j], x.permute(0, 2, 3, 1).flatten(1, 2), result)
             x = block(x, routing) if routing is not None else block(x)
         return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: mmpretrain / official ConvNeXt and official DynamicCNN -> ours
+#
+# mmpretrain's ConvNeXt names are ours, so its (and mmdet's / mmseg's) checkpoints load as they are. The official
+# ConvNeXt ImageNet checkpoints and the official DynamicCNN ones are renamed here.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _linear_weight(value: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution weight (C_out, C_in, 1, 1) as a Linear weight (C_out, C_in)."""
+    return value.flatten(1) if value.dim() == 4 else value
+
+
+def convnext_to_backbone(state_dict: StateDict, out_indices: Sequence[int] = (3, )) -> StateDict:
+    """mmpretrain / official ConvNeXt or official DynamicCNN keys -> :class:`DynamicConvNeXt` keys."""
+    state_dict = strip_model_prefix(state_dict)
+    official = (any('.dwconv.' in k or k.startswith('score_predictor.') for k in state_dict)
+                or 'norm.weight' in state_dict)
+    if not official:
+        return {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
+    last = max(out_indices)
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_HEAD_PREFIXES):
+            continue
+        match = re.match(r'^score_predictor\.(\d+)\.(.*)$', key)
+        if match:
+            new = f'score_predictors.{match.group(1)}.{_predictor_key(match.group(2))}'
+            out[new] = _linear_weight(value) if new.endswith('weight') else value
+            continue
+        if key.startswith('norm.'):
+            out[f'norm{last}.' + key[len('norm.'):]] = value  # the classifier's final norm
+            continue
+        key = key.replace('.dwconv.', '.depthwise_conv.').replace('.pwconv1.', '.pointwise_conv1.')
+        out[key.replace('.pwconv2.', '.pointwise_conv2.')] = value
+    return out
+
+
+def infer_convnext_kwargs(state_dict: StateDict) -> dict:
+    """:class:`DynamicConvNeXt` arguments read off an official ConvNeXt / DynamicCNN checkpoint's shapes."""
+    depths = [1 + max(int(k.split('.')[2]) for k in state_dict if re.match(rf'^stages\.{i}\.\d+\.', k))
+              for i in range(4)]
+    channels = [state_dict[f'stages.{i}.0.gamma'].shape[0] for i in range(4)]
+    arch = dict(depths=depths, channels=channels)
+    name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicConvNeXt.arch_zoo.items()}, arch)
+    kwargs = dict(arch=name or arch)
+    if name is None:
+        stride = max(1, depths[2] // 9)
+        kwargs['prune_layers'] = [stride * (s + 1) for s in range(3)]
+    return kwargs

@@ -8,18 +8,22 @@ the best ``keep_ratio - 0.2 * s`` of the positions through the block's MLP (slow
 LayerNorm + Linear (fast path). Shifted-window attention always runs over the whole map, so window structure,
 padding and every stage's full feature map (for FPN / UperNet) stay intact. Built on mmdet's ``SwinTransformer``
 (same module names: mmdet / mmseg / mmpretrain Swin checkpoints load as they are); ``keep_ratio=1.0`` is exactly it.
+The official Swin / DynamicSwin layouts are converted by the functions at the end of this file
+(:func:`swin_to_backbone`, :func:`infer_swin_kwargs`).
 """
 import functools
+import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmdet.models.backbones.swin import SwinBlock, SwinTransformer
+from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, swin_converter
 
 from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows
-from .base import SparseBackbone, TokenSparsityResult
+from ...utils.checkpoint import StateDict
+from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
 
 
 class DynamicSwinBlock(SwinBlock):
@@ -266,7 +270,6 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
             self.init_cfg = saved
 
     def convert_checkpoint(self, state_dict, checkpoint=None):
-        from ...converters.hierarchical import swin_to_backbone
         return swin_to_backbone(state_dict, self.out_indices)
 
     def _freeze_stages(self):
@@ -310,3 +313,52 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
                 routing = self.route(prune_at[j], x, result)
             x = block(x, hw_shape, routing, shift)
         return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: mmdet / mmpretrain / mmseg / official Swin and official DynamicSwin -> ours
+#
+# mmdet's Swin names are ours, so its (and mmseg's / mmpretrain's) checkpoints load as they are. The official Swin
+# ImageNet checkpoints and the official DynamicSwin ones are renamed here; for the Swin base keys we use mmdet's own
+# ``swin_converter`` (it also reorders the patch-merging channels).
+# ---------------------------------------------------------------------------------------------------------------------
+
+def swin_to_backbone(state_dict: StateDict, out_indices: Sequence[int] = (3, )) -> StateDict:
+    """mmdet / mmpretrain / official Swin or official DynamicSwin keys -> :class:`DynamicSwinTransformer` keys."""
+    state_dict = strip_model_prefix(state_dict)
+    if not any(k.startswith('layers.') for k in state_dict):
+        return {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIXES)}
+    last = max(out_indices)
+    base, extra = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith('head.') or key.endswith('attn_mask'):
+            continue  # shift masks are rebuilt for every input size
+        fast = re.match(r'^layers\.(\d+)\.blocks\.(\d+)\.fastmlp\.fc1\.(\d)\.(.*)$', key)
+        predictor = re.match(r'^layers\.(\d+)\.score_predictor\.(\d+)\.(.*)$', key)
+        if fast:
+            stage, block, index, param = fast.groups()
+            extra[f'stages.{stage}.blocks.{block}.fast_path.{index}.{param}'] = value
+        elif predictor:
+            extra[f'score_predictors.{predictor.group(2)}.{_predictor_key(predictor.group(3))}'] = value
+        elif key.startswith('norm.'):
+            extra[f'norm{last}.' + key[len('norm.'):]] = value
+        else:
+            base[key] = value
+    converted = {k[len('backbone.'):]: v for k, v in swin_converter(base).items()}
+    return {**converted, **extra}
+
+
+def infer_swin_kwargs(state_dict: StateDict) -> dict:
+    """:class:`DynamicSwinTransformer` arguments read off an official Swin / DynamicSwin checkpoint's shapes."""
+    depths = [1 + max(int(k.split('.')[3]) for k in state_dict if re.match(rf'^layers\.{i}\.blocks\.\d+\.', k))
+              for i in range(4)]
+    num_heads = [state_dict[f'layers.{i}.blocks.0.attn.relative_position_bias_table'].shape[1] for i in range(4)]
+    window = (int(round(state_dict['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0] ** 0.5)) + 1) // 2
+    arch = dict(embed_dims=state_dict['patch_embed.proj.weight'].shape[0], depths=depths, num_heads=num_heads)
+    name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicSwinTransformer.arch_zoo.items()}, arch)
+    fast = sorted(int(k.split('.')[3]) for k in state_dict if re.match(r'^layers\.2\.blocks\.\d+\.fastmlp\.', k))
+    kwargs = dict(arch=name or arch, window_size=window, patch_size=state_dict['patch_embed.proj.weight'].shape[-1])
+    if name is None:
+        stride = max(1, fast[0]) if fast else max(1, depths[2] // 6)
+        kwargs['prune_layers'] = [stride * (s + 1) for s in range(3)]
+    return kwargs

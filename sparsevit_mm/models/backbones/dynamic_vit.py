@@ -11,16 +11,22 @@ patch tokens (the cls token is always kept).
 
 ``keep_ratio`` is a plain attribute: changing it (config, ``--cfg-options``, or at run time) changes the budget
 without retraining, and ``keep_ratio=1.0`` is exactly the dense DeiT / LV-ViT.
+
+The checkpoint layouts it loads (official DynamicViT / LV-ViT / DeiT, timm, mmpretrain / mmseg ViTs) are converted
+to its keys by the functions at the end of this file (:func:`to_backbone_state_dict`, :func:`infer_backbone_kwargs`).
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+import re
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.models.vision_transformer import Block
 
-from ...layers import (KeepPolicyAttention, TokenScorePredictor, batch_gather, batch_scatter, check_prune_layers,
-                       init_vit_weights, num_kept, sample_keep_decision, topk_indices)
+from ...layers import KeepPolicyAttention, TokenPruning, TokenScorePredictor, check_prune_layers, init_vit_weights
+from ...utils.checkpoint import CheckpointMismatchError, StateDict
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -54,8 +60,8 @@ class ConvStemPatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class DynamicViTBlock(nn.Module):
-    """Pre-norm transformer block whose attention accepts a keep policy. (B, N, C) -> (B, N, C).
+class DynamicViTBlock(Block):
+    """timm's pre-norm ViT block whose attention accepts a keep policy. (B, N, C) -> (B, N, C).
 
     ``residual_scale`` divides both residual branches (LV-ViT uses 2; DeiT 1).
     """
@@ -63,17 +69,15 @@ class DynamicViTBlock(nn.Module):
     def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  residual_scale: float = 1.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
-        self.attn = KeepPolicyAttention(embed_dims, num_heads, qkv_bias, attn_drop_rate, drop_rate)
-        self.norm2 = nn.LayerNorm(embed_dims, eps=1e-6)
-        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop_rate)
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        super().__init__(embed_dims, num_heads, mlp_ratio, qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                         drop_path=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6), mlp_layer=Mlp,
+                         attn_layer=KeepPolicyAttention)
         self.residual_scale = residual_scale
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), policy)) / self.residual_scale
-        return x + self.drop_path(self.mlp(self.norm2(x))) / self.residual_scale
+        """x: (B, N, C); policy: (B, N) 1 kept / 0 dropped (training-time pruning), or None."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), policy))) / self.residual_scale
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.residual_scale
 
 
 class DynamicViT(SparseBackbone):
@@ -183,7 +187,6 @@ class DynamicViT(SparseBackbone):
         bias, and without a final norm (``final_norm=False``, as mmseg's UperNet ViTs) a classifier checkpoint's
         final ``norm`` is left out, since nothing here would use it.
         """
-        from ...converters.dynamicvit import to_backbone_state_dict
         state_dict = to_backbone_state_dict(state_dict)
         if 'pos_embed' in state_dict and state_dict['pos_embed'].shape != self.pos_embed.shape:
             old = state_dict['pos_embed']
@@ -269,66 +272,168 @@ class DynamicViT(SparseBackbone):
     def forward_sparse(self, images: torch.Tensor) -> TokenSparsityResult:
         """Run the backbone and return outputs together with what was kept. See :class:`TokenSparsityResult`."""
         x, grid = self.embed(images)
-        batch, num_patches = x.shape[0], x.shape[1] - 1
         result = TokenSparsityResult(outs=(), grid=grid)
+        pruning = TokenPruning(num_patches=x.shape[1] - 1, keep_dropped=self.out_type == 'featmap')
         prune_at = {layer: stage for stage, layer in enumerate(self.prune_layers)} if self.prunes else {}
-        masked = self.training and bool(prune_at)
-
-        decision = None  # training: (B, N, 1) cumulative keep mask
-        policy = None  # training: (B, 1 + N) keep policy for attention (cls always kept)
-        kept = None  # inference: (B, K) absolute indices of the patch tokens still in x
-        dropped = None  # inference + featmap: (B, N, C) features of every token when last seen
         outs = []
         for i in range(self.num_layers):
             if i in prune_at:
                 stage = prune_at[i]
-                predictor = self.score_predictors[stage]
-                if masked:
-                    previous = decision if decision is not None else x.new_ones(batch, num_patches, 1)
-                    decision = sample_keep_decision(predictor(x[:, 1:], previous), previous)
-                    result.keep_decisions.append(decision.squeeze(-1))
+                if self.training:
+                    result.keep_decisions.append(pruning.sample(self.score_predictors[stage], x))
                     result.token_mask = result.keep_decisions[-1]
-                    policy = torch.cat([x.new_ones(batch, 1), decision.squeeze(-1)], dim=1)
                 else:
-                    if kept is None:
-                        kept = torch.arange(num_patches, device=x.device).expand(batch, -1)
-                    if self.out_type == 'featmap':
-                        dropped = self.fill_back(dropped, kept, x[:, 1:], num_patches)
-                    scores = predictor(x[:, 1:])[..., 0]
-                    keep = topk_indices(scores, num_kept(num_patches, self.stage_ratios[stage]))
-                    # the cls token (row 0) and the kept patch tokens, in one gather
-                    x = batch_gather(x, torch.cat([keep.new_zeros(batch, 1), keep + 1], dim=1))
-                    kept = kept.gather(1, keep)
-                    result.kept_indices.append(kept)
-            x = self._run_block(i, x, policy)
+                    x = pruning.select(self.score_predictors[stage], x, self.stage_ratios[stage])
+                    result.kept_indices.append(pruning.kept)
+            x = self._run_block(i, x, pruning.policy)
             last = i == self.num_layers - 1
             if last:
                 x = self.norm(x)
                 result.patch_tokens = x[:, 1:]
             if i in self.out_indices:
-                if last and dropped is not None:
-                    dropped = self.norm(dropped)  # LayerNorm is per token: norm(fill(d, x)) == fill(norm(d), norm(x))
-                outs.append(self.format_output(x, kept, dropped, grid))
+                if last and pruning.dropped is not None:
+                    # LayerNorm is per token: norm(fill(d, x)) == fill(norm(d), norm(x))
+                    pruning.dropped = self.norm(pruning.dropped)
+                outs.append(self.format_output(x, pruning, grid))
         result.outs = tuple(outs)
         return result
 
-    def fill_back(self, full: Optional[torch.Tensor], kept: torch.Tensor, tokens: torch.Tensor,
-                  num_patches: int) -> torch.Tensor:
-        """Write the current tokens (B, K, C) at their absolute positions ``kept`` into a full (B, N, C) map."""
-        if full is None:
-            full = tokens.new_zeros(tokens.shape[0], num_patches, tokens.shape[-1])
-        return batch_scatter(full, kept, tokens)
-
-    def format_output(self, x: torch.Tensor, kept: Optional[torch.Tensor], dropped: Optional[torch.Tensor],
-                      grid: Tuple[int, int]) -> torch.Tensor:
+    def format_output(self, x: torch.Tensor, pruning: TokenPruning, grid: Tuple[int, int]) -> torch.Tensor:
+        """(B, 1 + K, C) tokens -> the ``out_type`` output; ``'featmap'`` puts the pruned tokens back."""
         if self.out_type == 'raw':
             return x
         if self.out_type == 'cls_token':
             return x[:, 0]
         if self.out_type == 'avg_featmap':
             return x[:, 1:].mean(dim=1)
-        patches = x[:, 1:]
-        if kept is not None:
-            patches = self.fill_back(dropped, kept, patches, grid[0] * grid[1])
+        patches = x[:, 1:] if pruning.kept is None else pruning.fill_back(x[:, 1:])
         # C spelled out, not -1: an empty batch (B = 0) leaves -1 undetermined
         return patches.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: official DynamicViT / LV-ViT / DeiT / timm / mmpretrain / mmseg -> ours
+#
+# Our backbone keeps the official module names (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``,
+# ``norm``, ...), which the official DynamicViT, official DeiT, timm and LV-ViT checkpoints share, and names the
+# score predictors plainly. Supported inputs:
+#
+# * official DynamicViT / LV-ViT (``score_predictor.K.in_conv.0`` ...), official DeiT / timm DeiT, LV-ViT;
+# * mmpretrain's and mmseg's ``VisionTransformer`` (``layers.N.ln1``, ``ffn.layers.0.0``, mmseg's
+#   ``attn.attn.in_proj_weight``, ...), e.g. mmpretrain DeiT or an mmseg ViT UperNet's backbone;
+# * our own backbone keys, or our classifier keys (``backbone.*``, ``head.*``).
+# ---------------------------------------------------------------------------------------------------------------------
+
+# official predictor names -> ours
+_PREDICTOR_RENAMES = (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
+                      ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.'))
+# classifier-level keys of the official / timm layouts
+_OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.', 'fc_norm.')
+# mmpretrain / mmseg VisionTransformer -> ours (mmseg's attention wraps nn.MultiheadAttention, whose in_proj stacks
+# q, k, v exactly as one qkv Linear does)
+_MMPRETRAIN_VIT_RENAMES = ((r'^patch_embed\.projection\.', 'patch_embed.proj.'), (r'^layers\.', 'blocks.'),
+                           (r'\.ln1\.', '.norm1.'), (r'\.ln2\.', '.norm2.'), (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
+                           (r'\.ffn\.layers\.1\.', '.mlp.fc2.'), (r'^ln1\.', 'norm.'),
+                           (r'\.attn\.attn\.in_proj_weight$', '.attn.qkv.weight'),
+                           (r'\.attn\.attn\.in_proj_bias$', '.attn.qkv.bias'),
+                           (r'\.attn\.attn\.out_proj\.', '.attn.proj.'))
+
+
+def detect_layout(state_dict: StateDict) -> str:
+    """One of ``'classifier'`` (ours, full model), ``'mmpretrain_vit'``, ``'official'`` or ``'backbone'`` (ours)."""
+    keys = list(state_dict)
+    if any(k.startswith('backbone.') for k in keys):
+        return 'classifier'
+    if any(k.startswith('layers.0.') for k in keys) and any('.ffn.layers.' in k for k in keys):
+        return 'mmpretrain_vit'
+    if any(k.startswith('score_predictors.') for k in keys):
+        return 'backbone'
+    if any(k.startswith('score_predictor.') for k in keys) or any(k.startswith(_OFFICIAL_HEAD_PREFIXES) for k in keys):
+        return 'official'
+    # ours, or a headless official / timm checkpoint (exactly our backbone names); anything else is refused by the
+    # fit check, which names the keys
+    return 'backbone'
+
+
+def _rename_predictor(key: str) -> str:
+    match = re.match(r'^score_predictor\.(\d+)\.(.*)$', key)
+    if not match:
+        return key
+    rest = match.group(2)
+    for old, new in _PREDICTOR_RENAMES:
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+            break
+    return f'score_predictors.{match.group(1)}.{rest}'
+
+
+def split_official(state_dict: StateDict) -> Tuple[StateDict, StateDict]:
+    """Official / timm layout -> (backbone keys in our names, head keys in the official names)."""
+    backbone, head = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(_OFFICIAL_HEAD_PREFIXES):
+            head[key] = value
+        else:
+            backbone[_rename_predictor(key)] = value
+    return backbone, head
+
+
+def mmpretrain_vit_to_backbone(state_dict: StateDict) -> StateDict:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _MMPRETRAIN_VIT_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def to_backbone_state_dict(state_dict: StateDict) -> StateDict:
+    """Any supported layout -> :class:`DynamicViT` backbone keys (classifier heads are left out)."""
+    layout = detect_layout(state_dict)
+    if layout == 'classifier':
+        state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+        return to_backbone_state_dict(state_dict)
+    if layout == 'mmpretrain_vit':
+        return mmpretrain_vit_to_backbone(state_dict)
+    if layout == 'official':
+        return split_official(state_dict)[0]
+    return dict(state_dict)
+
+
+def infer_backbone_kwargs(state_dict: StateDict, num_heads: Optional[int] = None) -> Tuple[dict, List[str]]:
+    """:class:`DynamicViT` keyword arguments (``arch``, ``patch_size``, ``img_size``) read off a checkpoint's shapes.
+
+    ``arch`` is a zoo name when the shapes match one (and ``num_heads``, if given, agrees), else a custom dict.
+    Checkpoints do not store the head count: give ``num_heads`` for a width outside the zoo; without it 64
+    channels per head (the ViT convention) are assumed, and the returned notes say so.
+    Returns ``(kwargs, notes)``.
+    """
+    backbone = to_backbone_state_dict(state_dict)
+    try:
+        embed_dims = backbone['cls_token'].shape[-1]
+        num_layers = 1 + max(int(k.split('.')[1]) for k in backbone if k.startswith('blocks.'))
+        hidden = backbone['blocks.0.mlp.fc1.weight'].shape[0]
+        conv_stem = 'patch_embed.conv1.weight' in backbone
+        patch_size = backbone['patch_embed.proj.weight'].shape[-1] * (2 if conv_stem else 1)
+        grid = round((backbone['pos_embed'].shape[1] - 1) ** 0.5)
+    except (KeyError, ValueError) as error:
+        raise CheckpointMismatchError(f'cannot read the ViT arch off this checkpoint: missing {error}') from error
+    arch = dict(embed_dims=embed_dims, num_layers=num_layers, mlp_ratio=hidden / embed_dims,
+                qkv_bias='blocks.0.attn.qkv.bias' in backbone, stem='conv' if conv_stem else 'patch',
+                residual_scale=2.0 if conv_stem else 1.0)
+    notes = []
+    for name, settings in DynamicViT.arch_zoo.items():
+        full = {**DynamicViT.arch_defaults, **settings}
+        if all(full[k] == v for k, v in arch.items()) and num_heads in (None, full['num_heads']):
+            arch = name
+            break
+    else:
+        if num_heads is None:
+            num_heads = max(1, embed_dims // 64)
+            notes.append(f'num_heads={num_heads} was inferred from the width {embed_dims} (64 channels per head): '
+                         'checkpoints do not record the head count, and this width is not in the official arch '
+                         'table; pass --num-heads if the model was trained with another')
+        if embed_dims % num_heads:
+            raise ValueError(f'num_heads={num_heads} does not divide the width {embed_dims}')
+        arch['num_heads'] = num_heads
+    return dict(arch=arch, patch_size=patch_size, img_size=grid * patch_size), notes

@@ -3,91 +3,84 @@
 Every input is a token: [label], time, patches (+ a learned position embedding). ``depth // 2`` in-blocks, a mid
 block and ``depth // 2`` out-blocks; each out-block first joins the output of its mirror in-block (last in, first
 out) by concatenation and a Linear(2D -> D). Head: LayerNorm -> Linear(p * p * C) -> unpatchify -> optional 3x3
-conv. Module names follow the official code, so official checkpoints load as they are.
+conv. Module names follow the official code, so official checkpoints load as they are; the functions at the end of
+this file read a ``UViT`` config off an official checkpoint and move its keys to the :class:`UViTDiffusion` layout.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from diffusers.models.embeddings import get_timestep_embedding
 from mmengine.model import BaseModule
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block
 
 from ...layers import init_vit_weights
-from ...utils.checkpoint import CheckpointLayoutMixin, load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, CheckpointMismatchError, StateDict, load_weights
 
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
 
 
 def timestep_embedding(timesteps: torch.Tensor, dims: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dims), cosines first (as U-ViT / ADM)."""
-    half = dims // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(embedding, (0, dims % 2))
+    """Sinusoidal embedding of (B,) timesteps -> (B, dims), cosines first (as U-ViT / ADM): diffusers' table with
+    frequencies ``exp(-log(max_period) * i / (dims // 2))``."""
+    return get_timestep_embedding(timesteps, dims, flip_sin_to_cos=True, downscale_freq_shift=0,
+                                  max_period=max_period)
 
 
-class UViTAttention(nn.Module):
-    """Multi-head self-attention; ``backend``: 'sdpa' (flash / memory-efficient kernels), 'xformers', 'math'."""
+class UViTAttention(Attention):
+    """timm's multi-head self-attention over (B, N, C) tokens with a switchable ``backend``: 'sdpa' (timm's fused
+    path: flash / memory-efficient kernels), 'math' (timm's explicit softmax path) or 'xformers' (optional, CUDA).
+    """
 
-    def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = False, backend: str = 'sdpa'):
-        super().__init__()
+    def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = False, backend: str = 'sdpa',
+                 **attention_options):
+        super().__init__(embed_dims, num_heads, qkv_bias=qkv_bias, **attention_options)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str):
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f'attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}')
-        self.num_heads = num_heads
-        self.backend = backend
-        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
-        self.proj = nn.Linear(embed_dims, embed_dims)
+        self._backend = backend
+        self.fused_attn = backend == 'sdpa'  # timm's switch between SDPA and the explicit softmax
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, num, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, num, 3, self.num_heads, channels // self.num_heads)
-        if self.backend == 'xformers':
-            import xformers.ops as xops  # optional; CUDA only
-            q, k, v = qkv.unbind(2)  # (B, N, H, d)
-            out = xops.memory_efficient_attention(q, k, v).reshape(batch, num, channels)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
-            if self.backend == 'sdpa':
-                out = F.scaled_dot_product_attention(q, k, v)
-            else:
-                weights = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
-                out = weights @ v
-            out = out.transpose(1, 2).reshape(batch, num, channels)
-        return self.proj(out)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); ``attn_mask`` / ``is_causal`` as timm's (not with 'xformers')."""
+        if self.backend != 'xformers':
+            return super().forward(x, attn_mask, is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("the 'xformers' attention backend takes no attention mask")
+        import xformers.ops as xops  # optional; CUDA only
+        batch, num, _ = x.shape
+        q, k, v = self.qkv(x).reshape(batch, num, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d)
+        out = xops.memory_efficient_attention(q, k, v).reshape(batch, num, self.attn_dim)
+        return self.proj_drop(self.proj(out))
 
 
-class UViTBlock(nn.Module):
-    """Pre-norm block; an out-block first merges the long skip: Linear(concat[x, skip]) (current stream first)."""
+class UViTBlock(Block):
+    """timm's pre-norm ViT block (LayerNorm eps 1e-5, no bias in qkv by default); an out-block first merges the long
+    skip: Linear(concat[x, skip]) (current stream first). (B, N, D) [, (B, N, D)] -> (B, N, D)."""
 
     def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  skip: bool = False, backend: str = 'sdpa'):
-        super().__init__()
+        super().__init__(embed_dims, num_heads, mlp_ratio, qkv_bias, norm_layer=nn.LayerNorm, mlp_layer=Mlp,
+                         attn_layer=UViTAttention)
+        self.attn.backend = backend
         self.skip_linear = nn.Linear(2 * embed_dims, embed_dims) if skip else None
-        self.norm1 = nn.LayerNorm(embed_dims)
-        self.attn = UViTAttention(embed_dims, num_heads, qkv_bias, backend)
-        self.norm2 = nn.LayerNorm(embed_dims)
-        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio))
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class UViTPatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H * W / p^2, D) by a p x p convolution with stride p."""
-
-    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return super().forward(x)
 
 
 class UViT(CheckpointLayoutMixin, BaseModule):
@@ -131,7 +124,8 @@ class UViT(CheckpointLayoutMixin, BaseModule):
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
-        self.patch_embed = UViTPatchEmbed(patch_size, in_channels, dims)
+        # (B, C, H, W) -> (B, H * W / p^2, D); sizes are checked by check_inputs / UViTBackbone
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_channels, dims, strict_img_size=False)
         num_patches = (img_size // patch_size) ** 2
         self.time_embed = nn.Sequential(nn.Linear(dims, 4 * dims), nn.SiLU(), nn.Linear(4 * dims, dims)) \
             if mlp_time_embed else nn.Identity()
@@ -150,8 +144,6 @@ class UViT(CheckpointLayoutMixin, BaseModule):
 
     def set_attention(self, backend: str):
         """Switch every block's attention backend ('sdpa', 'xformers', 'math') without touching the weights."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f'attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}')
         for module in self.modules():
             if isinstance(module, UViTAttention):
                 module.backend = backend
@@ -285,3 +277,52 @@ class UViTBackbone(CheckpointLayoutMixin, BaseModule):
         x = uvit.run_blocks(torch.cat([time_token, x], dim=1) + pos_embed)
         feature = x[:, 1:].transpose(1, 2).reshape(images.shape[0], -1, *grid)
         return tuple(level(feature) for level in self.pyramid)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: official U-ViT checkpoints (plain state dicts, e.g. ``nnet_ema.pth``) -> UViTDiffusion ones
+#
+# Our ``UViT`` keeps the official module names, so the network's keys are unchanged; they move under ``network.``.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_HEADS_BY_WIDTH = {512: 8, 768: 12, 1024: 16, 1152: 16}
+
+
+def infer_uvit_network(state_dict: StateDict, num_heads: Optional[int] = None) -> Tuple[dict, List[str]]:
+    """The ``UViT`` config read off an official state dict's shapes, and notes on what had to be inferred.
+
+    Checkpoints do not record the head count: it comes from ``num_heads``, else from the official width -> heads
+    table, else 64 channels per head (noted).
+    """
+    try:
+        patch = state_dict['patch_embed.proj.weight']
+        dims, in_channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
+        depth = 2 * (1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('in_blocks.')))
+        num_classes = state_dict['label_emb.weight'].shape[0] if 'label_emb.weight' in state_dict else 0
+        extras = 2 if num_classes else 1
+        side = int(round((state_dict['pos_embed'].shape[1] - extras) ** 0.5))
+    except (KeyError, ValueError) as error:
+        raise CheckpointMismatchError(f'cannot read the U-ViT arch off this checkpoint: missing {error}') from error
+    if 'context_embed.weight' in state_dict:
+        raise CheckpointMismatchError('text-to-image U-ViT checkpoints (context_embed) are not supported yet')
+    notes = []
+    if num_heads is None:
+        num_heads = _HEADS_BY_WIDTH.get(dims)
+    if num_heads is None:
+        num_heads = max(1, dims // 64)
+        notes.append(f'num_heads={num_heads} was inferred from the width {dims} (64 channels per head): checkpoints '
+                     'do not record the head count, and this width is not one of the official U-ViTs '
+                     f'({sorted(_HEADS_BY_WIDTH)}); pass --num-heads if the model was trained with another')
+    if dims % num_heads:
+        raise ValueError(f'num_heads={num_heads} does not divide the width {dims}')
+    arch = dict(embed_dims=dims, depth=depth, num_heads=num_heads)
+    return dict(type='UViT', arch=arch, img_size=side * patch_size, patch_size=patch_size, in_channels=in_channels,
+                num_classes=num_classes, conv='final_layer.weight' in state_dict,
+                mlp_time_embed='time_embed.0.weight' in state_dict), notes
+
+
+def official_uvit_to_ours(state_dict: StateDict) -> StateDict:
+    """An official plain U-ViT state dict -> :class:`UViTDiffusion` keys (``network.*``); ours pass unchanged."""
+    if any(k.startswith('in_blocks.') for k in state_dict):
+        return {f'network.{k}': v for k, v in state_dict.items()}
+    return dict(state_dict)

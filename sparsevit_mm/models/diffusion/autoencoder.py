@@ -1,8 +1,11 @@
 """The latent space of latent U-ViT: Stable Diffusion's KL-f8 autoencoder (diffusers' ``AutoencoderKL``)."""
+import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from ...utils.checkpoint import load_state_dict_file, load_weights
 
 # Stable Diffusion's KL-f8 autoencoder (ch 128, ch_mult 1-2-4-4, 2 res blocks, 4 latent channels)
 SD_KL_F8 = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
@@ -43,11 +46,9 @@ class SDAutoencoder(nn.Module):
         self.requires_grad_(False).eval()
 
     def load(self, checkpoint: str):
-        import os
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f'autoencoder checkpoint {checkpoint} does not exist; download Stable Diffusion\'s '
                                     'KL-f8 autoencoder (e.g. U-ViT\'s autoencoder_kl.pth) and give its local path')
-        from ...utils.checkpoint import load_state_dict_file, load_weights
         state = load_state_dict_file(checkpoint)
         if any(k.startswith('encoder.down.') for k in state):  # the original LDM layout
             from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint

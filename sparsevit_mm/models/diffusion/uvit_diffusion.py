@@ -9,7 +9,7 @@ from mmengine.model import BaseModel
 
 from ...utils.checkpoint import CheckpointLayoutMixin
 
-from ..backbones.uvit import UViT
+from ..backbones.uvit import UViT, official_uvit_to_ours
 from .autoencoder import SDAutoencoder
 from .dpm_solver import dpm_solver_sample
 from .schedules import build_schedule
@@ -113,7 +113,6 @@ class UViTDiffusion(CheckpointLayoutMixin, BaseModel):
     # ---------------------------------------------------------------------------------------------- helpers
     def convert_checkpoint(self, state_dict, checkpoint=None):
         """An official U-ViT network state dict (``in_blocks.*`` at the top) moves under ``network.``."""
-        from ...converters.uvit import official_uvit_to_ours
         return official_uvit_to_ours(state_dict)
 
     def _labels(self, data_samples) -> Optional[torch.Tensor]:

@@ -1,46 +1,14 @@
-"""What our ``tools/`` scripts share: config loading, CLI overrides, and launching (including CPU-only DDP)."""
+"""What our ``tools/`` scripts share: the hooks they add to a config, mixed precision, resume, and launching
+(including CPU-only DDP). Config reading itself is :mod:`sparsevit_mm.utils.config`."""
 import os
-import os.path as osp
 from typing import Optional, Sequence
 
 import torch
 from mmengine.config import Config
 
-from .checkpoint import allow_mmengine_checkpoints
-
-
-def read_config(path: str) -> Config:
-    """``Config.fromfile`` that also takes ``'mmpretrain::deit/deit-small_4xb256_in1k.py'``-style paths."""
-    if '::' in path:
-        from mmengine.hub import get_config
-        return get_config(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file {path} does not exist')
-    return Config.fromfile(path)
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
-                launcher: str = 'none') -> Config:
-    """Read a config (mmpretrain / mmdet / mmseg or ours) and apply CLI overrides.
-
-    ``sparsevit_mm`` is added to ``custom_imports`` so an upstream config with only the backbone swapped finds our
-    models; the work dir is CLI > config > ``./work_dirs/<config name>``.
-    """
-    cfg = read_config(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    imports = cfg.get('custom_imports', dict(imports=[], allow_failed_imports=False))
-    names = imports.get('imports', [])
-    names = [names] if isinstance(names, str) else list(names)
-    if 'sparsevit_mm' not in names:
-        imports['imports'] = names + ['sparsevit_mm']
-        cfg.custom_imports = imports
-    if work_dir is not None:
-        cfg.work_dir = work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path.split('::')[-1]))[0])
-    cfg.launcher = launcher
-    return cfg
+from .models.backbones.base import SparseBackbone
+from .registry import get_class
+from .utils.checkpoint import allow_mmengine_checkpoints
 
 
 def enable_amp(cfg: Config):
@@ -116,11 +84,10 @@ def add_keep_ratio_loss_hook(cfg: Config) -> bool:
     This is what makes an upstream mmdet / mmseg / mmpretrain config work with only the backbone swapped (our
     ``DynamicViTClassifier`` computes the loss itself). Returns whether the hook was added.
     """
-    from ..registry import SPARSE_BACKBONES
     model = cfg.get('model') or {}
     backbone = model.get('backbone') or {}
-    backbone_type = str(backbone.get('type', '')).split('.')[-1]
-    if backbone_type not in {cls.__name__ for cls in SPARSE_BACKBONES}:
+    backbone_class = get_class(str(backbone.get('type', '')).split('.')[-1])
+    if backbone_class is None or not issubclass(backbone_class, SparseBackbone):
         return False
     if str(model.get('type', '')).split('.')[-1] == 'DynamicViTClassifier':
         return False
