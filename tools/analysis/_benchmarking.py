@@ -254,3 +254,14 @@ def prepare_measurement(args):
         torch.set_num_threads(args.threads)
     if not args.device.startswith('cuda') and not args.system_allocator:
         args.system_allocator = not keep_freed_cpu_memory()
+
+
+def model_to_measure(args, expected: type, what: str):
+    """Apply the measurement settings, build the config's model (with ``--checkpoint``), and refuse any model that
+    is not an ``expected`` one, saying what the script times (``what``)."""
+    from sparsevit_mm.apis import init_model
+    prepare_measurement(args)
+    model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
+    if not isinstance(model, expected):
+        raise SystemExit(f'{what}; {args.config} builds {type(model).__name__}')
+    return model

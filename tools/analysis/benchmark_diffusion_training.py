@@ -13,9 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from _benchmarking import (add_measurement_arguments, describe_device, median, prepare_measurement,  # noqa: E402
+from _benchmarking import (add_measurement_arguments, describe_device, median, model_to_measure,  # noqa: E402
                            round_speedups, side_by_side_throughput)
-from sparsevit_mm.apis import init_model  # noqa: E402
 from sparsevit_mm.models.diffusion import UViTDiffusion  # noqa: E402
 
 
@@ -108,11 +107,7 @@ def benchmark_diffusion_training(model, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    prepare_measurement(args)
-    model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
-    if not isinstance(model, UViTDiffusion):
-        raise SystemExit(f'benchmark_diffusion_training.py times UViTDiffusion training steps; {args.config} builds '
-                         f'{type(model).__name__}')
+    model = model_to_measure(args, UViTDiffusion, 'benchmark_diffusion_training.py times UViTDiffusion training steps')
     return benchmark_diffusion_training(model, args)
 
 

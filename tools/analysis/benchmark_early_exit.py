@@ -14,9 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from _benchmarking import (add_measurement_arguments, describe_device, median, prepare_measurement,  # noqa: E402
+from _benchmarking import (add_measurement_arguments, describe_device, median, model_to_measure,  # noqa: E402
                            round_speedups, side_by_side_throughput)
-from sparsevit_mm.apis import init_model  # noqa: E402
 from sparsevit_mm.models.backbones.dvt_exit import DVTExit  # noqa: E402
 from sparsevit_mm.models.classifiers.dvt import DVT, NO_EXIT, exit_fraction_targets, fit_thresholds  # noqa: E402
 from sparsevit_mm.utils.flops import count_flops  # noqa: E402
@@ -86,11 +85,8 @@ def benchmark_early_exit(model, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    prepare_measurement(args)
-    model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
-    if not isinstance(model, DVT):
-        raise SystemExit(f'benchmark_early_exit.py times DVT\'s early exit; {args.config} builds '
-                         f'{type(model).__name__} (keep-ratio models: tools/analysis/benchmark.py)')
+    model = model_to_measure(args, DVT, 'benchmark_early_exit.py times DVT\'s early exit (keep-ratio models: '
+                                        'tools/analysis/benchmark.py)')
     return benchmark_early_exit(model, args)
 
 
