@@ -10,6 +10,8 @@ def read_version():
     return namespace['__version__']
 
 
+DEPLOY = ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18']
+
 setup(
     name='sparsevit_mm',
     version=read_version(),
@@ -46,7 +48,10 @@ setup(
         'modelindex',
     ],
     extras_require={
-        'tests': ['pytest>=7', 'pytest-timeout', 'pytest-xdist'],
+        # ONNX export (torch's torch.export-based exporter needs onnx and onnxscript) and ONNX Runtime (CPU)
+        'deploy': DEPLOY,
+        # the test environment (tools/install.sh) includes the deploy extra, so the export tests run
+        'tests': ['pytest>=7', 'pytest-timeout', 'pytest-xdist', *DEPLOY],
         # Memory-efficient attention on CUDA machines; never required.
         'xformers': ['xformers'],
     },

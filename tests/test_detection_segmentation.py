@@ -137,7 +137,7 @@ def whole_model_rows(stdout: str):
     """The speed table {keep ratio: GFLOPs} and the parts table {part: [ms, share %] per setting} of a whole-model
     benchmark run."""
     gflops = {float(ratio): float(value) for ratio, value in re.findall(
-        r'^\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+ \|\s+[\d.]+x \|', stdout, re.M)}
+        r'^\s*eager PyTorch \|\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+ \|\s+[\d.]+x \|', stdout, re.M)}
     parts = {name: [float(v) for v in values] for name, *values in re.findall(
         r'^\s*(backbone|neck|heads|rest|test step) \|\s+([\d.]+)\s+(\d+)% \|\s+([\d.]+)\s+(\d+)%$', stdout, re.M)}
     return gflops, parts
@@ -173,6 +173,9 @@ def test_whole_detector_benchmark_gives_both_settings_equal_head_work():
     assert 'detections per image: keep 1.00: 7, keep 0.70: 7' in out.stdout
     gflops, parts = whole_model_rows(out.stdout)
     assert set(parts) == {'backbone', 'neck', 'heads', 'rest', 'test step'}
+    # the config's threshold; and the backbone and neck through torch.compile (the 'eager' backend: capture only)
     out = run_tool('tools/analysis/benchmark.py', config, '--batch-size', '1', '--shape', '64', '96', '--rounds', '1',
-                   '--iters', '1', '--warmup', '0', '--config-detections')
+                   '--iters', '1', '--warmup', '0', '--config-detections', '--compile', '--compile-backend', 'eager')
     assert 'score_thr' not in out.stdout and 'detections per image: keep 1.00: ' in out.stdout
+    assert re.search(r'torch\.compile \|\s+0\.700 \|', out.stdout) and 'the backbone and the neck' in out.stdout
+    assert re.search(r"torch\.compile: dense [\d.]+x the eager dense model's images/s; keep 0\.70", out.stdout)

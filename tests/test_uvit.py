@@ -270,9 +270,11 @@ def test_frechet_distance_matches_the_matrix_square_root_formula():
 
 
 @pytest.mark.slow
-def test_training_benchmark_compares_attention_and_checkpointing():
-    out = run_tool('tools/analysis/benchmark_diffusion_training.py',
-                   'configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py', '--batch-size', '2', '--rounds', '1',
+def test_training_benchmark_compares_attention_and_checkpointing(tmp_path):
+    config = tmp_path / 'uvit_narrow.py'  # the CIFAR-10 recipe with a narrower, shallower network (same code paths)
+    config.write_text(f"_base_ = ['{(REPO / 'configs/uvit/uvit-small-p2_8xb16-500k_cifar10-32x32.py').as_posix()}']\n"
+                      "model = dict(network=dict(arch=dict(_delete_=True, embed_dims=128, depth=6, num_heads=4)))\n")
+    out = run_tool('tools/analysis/benchmark_diffusion_training.py', config, '--batch-size', '2', '--rounds', '1',
                    '--iters', '1', '--warmup', '1')
     rows = dict(re.findall(r'^\s*([a-z +]+?) \|\s+[\d.]+ \|\s+[\d.]+x \|\s+([\d.]+)$', out.stdout, re.M))
     assert set(rows) >= {'math attention', 'sdpa', 'sdpa + checkpointing'}

@@ -44,9 +44,11 @@ class SlowFastRouting:
             return residual + (update if drop_path is None else drop_path(update))
         batch, num_tokens, channels = residual.shape
         out = residual.reshape(batch * num_tokens, channels)
-        if torch.is_grad_enabled() and out.data_ptr() == residual.data_ptr():
-            out = out.clone()  # autograd may still need the caller's tensor
         flat = tokens.reshape(batch * num_tokens, tokens.shape[-1])
+        if torch.is_grad_enabled():  # autograd may still need the caller's tensor: add out of place
+            out = out.index_add(0, self.slow_rows, slow_fn(flat.index_select(0, self.slow_rows)).to(out.dtype))
+            return out.index_add(0, self.fast_rows, fast_fn(flat.index_select(0, self.fast_rows)).to(out.dtype)
+                                 ).view(batch, num_tokens, channels)
         out.index_add_(0, self.slow_rows, slow_fn(flat.index_select(0, self.slow_rows)).to(out.dtype))
         out.index_add_(0, self.fast_rows, fast_fn(flat.index_select(0, self.fast_rows)).to(out.dtype))
         return out.view(batch, num_tokens, channels)

@@ -7,7 +7,13 @@
         --batch-size 1                             # detection / segmentation: the whole test_step at the test size
     python tools/analysis/benchmark.py CONFIG --backbone-only --shape 800 1333 --breakdown   # the backbone alone
 
+    python tools/analysis/benchmark.py CONFIG --compile --onnxruntime   # also compiled and exported, side by side
+
 For DVT's early exit see ``benchmark_early_exit.py``; for U-ViT's training step ``benchmark_diffusion_training.py``.
+
+``--compile`` (torch.compile) and ``--onnxruntime`` (the ONNX export in ONNX Runtime, CPU) add backends to the same
+interleaved rounds; each backend's speed-up is over its own dense setting (compiled sparse over compiled dense),
+compilation and first runs excluded, and the share of eager's gain each keeps is printed (docs/deployment.md).
 
 Both settings are the same weights (``keep_ratio=1.0`` is exactly the dense model); they are timed in interleaved
 rounds so that load on a shared machine affects both alike. Reported: images/s (median of rounds), the speed-up over
@@ -24,6 +30,7 @@ otherwise page-faults every large activation in again on each pass, kernel time 
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,12 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from mmpretrain.models import ImageClassifier  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from _benchmarking import (add_measurement_arguments, count_step_flops, dense_prediction_framework,  # noqa: E402
                            describe_device, median, median_interval, prepare_measurement, quartiles,
                            round_speedups, side_by_side_throughput, synchronize, test_size, test_step_data,
                            timed_methods, timed_parts)
 from sparsevit_mm.apis import init_model  # noqa: E402
+from sparsevit_mm.deployment import export, export_targets, onnxruntime_session  # noqa: E402
 from sparsevit_mm.models.backbones.base import SparseBackbone  # noqa: E402
 from sparsevit_mm.models.backbones.dynamic_convnext import DynamicConvNeXtBlock  # noqa: E402
 from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock  # noqa: E402
@@ -58,6 +67,16 @@ def parse_args(argv=None):
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts routing changes (slow-path MLPs, fast paths, score predictors, '
                              'the rest) with module hooks, with their FLOPs and FLOP rates')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time both settings through torch.compile (compiled sparse over compiled dense; '
+                             'compilation is excluded from the timing)')
+    parser.add_argument('--compile-mode', default=None,
+                        help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune')")
+    parser.add_argument('--compile-backend', default='inductor',
+                        help="torch.compile backend (default inductor; 'eager' only checks that the graph captures)")
+    parser.add_argument('--onnxruntime', action='store_true',
+                        help='also export both settings to ONNX and time them in ONNX Runtime (CPU; needs the '
+                             'deploy extra)')
     parser.add_argument('--config-detections', action='store_true',
                         help='detection configs: keep the config\'s score threshold (by default it is set to 0 so '
                              'that both settings keep max_per_img boxes per image and their heads do equal work)')
@@ -85,7 +104,12 @@ def main(argv=None):
     backbone = sparse_backbone_of(model)
     ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
     framework = dense_prediction_framework(model)
+    if args.onnxruntime and args.fp16:
+        raise SystemExit('--onnxruntime runs float32 models on the CPU; drop --fp16')
     if framework is not None and not args.backbone_only:
+        if args.onnxruntime:
+            raise SystemExit('--onnxruntime times the exported backbone of a detection / segmentation config (its '
+                             'heads stay in mmdet / mmseg): add --backbone-only')
         if args.breakdown:
             raise SystemExit('--breakdown times a backbone\'s parts: add --backbone-only for a detection / '
                              'segmentation config (the whole-model run reports its parts\' times by itself)')
@@ -100,20 +124,122 @@ def main(argv=None):
     for ratio in ratios:
         backbone.keep_ratio = ratio
         flops[ratio] = count_flops(forward, images[:1], module=model)
-    results = side_by_side_throughput({r: keep_ratio_setting(backbone, r, forward, args.fp16) for r in ratios}, images,
-                                      args.rounds, args.iters, args.warmup)
-    speedups = round_speedups(results, ratios[0])
+    settings = {('eager', r): keep_ratio_setting(backbone, r, forward, args.fp16) for r in ratios}
+    if args.compile:
+        compiled = compiled_forward(forward, args)
+        settings.update({('compiled', r): keep_ratio_setting(backbone, r, compiled, args.fp16) for r in ratios})
+    with tempfile.TemporaryDirectory() as export_dir:
+        if args.onnxruntime:
+            settings.update(onnxruntime_settings(model if whole else backbone, backbone, ratios, images, export_dir))
+        warm_up(settings, images)
+        results = side_by_side_throughput(settings, images, args.rounds, args.iters, args.warmup)
     what = 'model' if whole else 'backbone'
     print(f'{type(backbone).__name__} ({what}), batch {args.batch_size}, {height}x{width}, {describe_device(args)}, '
           f'{args.rounds} interleaved rounds of {args.iters} batches')
-    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
-          f'{"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22}')
-    table = speed_rows(results, speedups, flops, ratios)
-    for ratio, row in table.items():
-        print(row.pop('line'))
+    tables = print_backend_tables(results, flops, ratios)
+    table = tables.pop('eager')
+    table.update(tables)
     if args.breakdown:
         table['breakdown'] = time_breakdown(model, backbone, forward, images, ratios, args)
     return table
+
+
+BACKEND_NAMES = {'eager': 'eager PyTorch', 'compiled': 'torch.compile', 'onnxruntime': 'ONNX Runtime'}
+
+
+def print_backend_tables(results, flops, ratios) -> Dict[str, dict]:
+    """One row per (backend, keep ratio): speed-ups over the same backend's first ratio, so a compiled dynamic
+    model is compared with the compiled dense one; then, per backend beyond eager, the share of eager's gain it
+    keeps. Returns backend -> keep ratio -> row."""
+    backends = list(dict.fromkeys(backend for backend, _ in results))
+    print(f'{"backend":>13} | {"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | '
+          f'{"quartiles":>13} | {"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22}')
+    tables = {}
+    for backend in backends:
+        ours = {ratio: results[(backend, ratio)] for ratio in ratios}
+        tables[backend] = speed_rows(ours, round_speedups(ours, ratios[0]), flops, ratios)
+        for row in tables[backend].values():
+            print(f'{BACKEND_NAMES[backend]:>13} | {row.pop("line")}')
+    for backend in backends[1:]:
+        dense = median([a / b for a, b in zip(results[(backend, ratios[0])], results[('eager', ratios[0])])])
+        print(f'{BACKEND_NAMES[backend]}: dense {dense:.2f}x the eager dense model\'s images/s', end='')
+        for ratio in ratios[1:]:
+            eager_gain = tables['eager'][ratio]['speedup'] - 1
+            gain = tables[backend][ratio]['speedup'] - 1
+            # a share of a gain within timing noise (eager under 2%) means nothing: then only the speed-ups print
+            share = f'{gain / eager_gain:.0%} of' if abs(eager_gain) > 0.02 else 'vs'
+            tables[backend][ratio]['share_of_eager_gain'] = gain / eager_gain if abs(eager_gain) > 0.02 else None
+            print(f'; keep {ratio:.2f}: speed-up {1 + gain:.2f}x, {share} eager\'s {1 + eager_gain:.2f}x gain',
+                  end='')
+        print()
+    return tables
+
+
+def compiled_forward(forward: Callable, args) -> Callable:
+    """``torch.compile`` of the forward pass (static shapes); every keep ratio gets its own graph (the kept counts
+    are constants of it), compiled on its first call, which :func:`warm_up` makes before timing."""
+    return torch.compile(forward, dynamic=False, mode=args.compile_mode, fullgraph=True,
+                         backend=args.compile_backend)
+
+
+def onnxruntime_settings(model, backbone, ratios, images, export_dir) -> Dict[tuple, Callable]:
+    """Per keep ratio: export the network at this batch and size to ONNX, open an ONNX Runtime CPU session on as
+    many threads as torch uses, and time ``session.run`` (the input is converted to numpy once, outside)."""
+    if images.device.type != 'cpu':
+        raise SystemExit('--onnxruntime runs ONNX Runtime\'s CPU provider: use --device cpu')
+    settings = {}
+    for ratio in ratios:
+        backbone.keep_ratio = ratio
+        target, = export_targets(model, tuple(images.shape[-2:]), images.shape[0])
+        path = os.path.join(export_dir, f'keep{ratio:g}.onnx')
+        export(target, path, 'onnx')
+        session = onnxruntime_session(path)
+        feed = {session.get_inputs()[0].name: images.numpy()}
+        settings[('onnxruntime', ratio)] = (lambda s=session, f=feed: (lambda _: s.run(None, f)))
+    return settings
+
+
+def compiled_network_settings(model, backbone, ratios, step, args) -> Dict[tuple, Callable]:
+    """Whole-model settings with ``torch.compile`` of the backbone's and the neck's forward (instance attributes
+    that :func:`eager_forwards` removes again), the rest of ``test_step`` eager."""
+    modules = [m for m in (model.backbone, getattr(model, 'neck', None)) if m is not None]
+    compiled = [torch.compile(m.forward, dynamic=False, mode=args.compile_mode, fullgraph=True,
+                              backend=args.compile_backend) for m in modules]
+
+    def setting(ratio):
+        eager_prepare = keep_ratio_setting(backbone, ratio, step, args.fp16)
+
+        def prepare():
+            for module, forward in zip(modules, compiled):
+                module.forward = forward
+            return eager_prepare()
+        return prepare
+
+    def eager_setting(ratio):
+        eager_prepare = keep_ratio_setting(backbone, ratio, step, args.fp16)
+
+        def prepare():
+            eager_forwards(model)
+            return eager_prepare()
+        return prepare
+    settings = {('compiled', r): setting(r) for r in ratios}
+    # the eager settings must drop the compiled forwards again: they are re-made here in the same order
+    settings.update({('eager', r): eager_setting(r) for r in ratios})
+    return settings
+
+
+def eager_forwards(model):
+    """Undo :func:`compiled_network_settings`: the classes' own ``forward`` shows through again."""
+    for module in (model.backbone, getattr(model, 'neck', None)):
+        if module is not None and 'forward' in vars(module):
+            del module.forward
+
+
+def warm_up(settings: Dict[tuple, Callable], images: torch.Tensor):
+    """One untimed call of every setting (compilation, ONNX Runtime's first-run allocations)."""
+    with torch.no_grad():
+        for name, prepare in tqdm(settings.items(), desc='warm-up', leave=False):
+            prepare()(images)
 
 
 def keep_ratio_setting(backbone, ratio: float, fn: Callable, fp16: bool) -> Callable[[], Callable]:
@@ -199,8 +325,12 @@ def benchmark_whole_model(model, backbone, framework, ratios, height, width, arg
     for ratio in ratios:
         backbone.keep_ratio = ratio
         flops[ratio] = count_step_flops(step)
-    results = side_by_side_throughput({r: keep_ratio_setting(backbone, r, step, args.fp16) for r in ratios}, counter,
-                                      args.rounds, args.iters, args.warmup)
+    settings = {('eager', r): keep_ratio_setting(backbone, r, step, args.fp16) for r in ratios}
+    if args.compile:
+        settings.update(compiled_network_settings(model, backbone, ratios, step, args))
+    warm_up(settings, counter)
+    results = side_by_side_throughput(settings, counter, args.rounds, args.iters, args.warmup)
+    eager_forwards(model)
     part_methods = whole_model_parts(model, framework)
     passes = {ratio: [] for ratio in ratios}
     with torch.no_grad():
@@ -221,16 +351,17 @@ def benchmark_whole_model(model, backbone, framework, ratios, height, width, arg
                 passes[ratio].append(dict(inside, rest=total - sum(inside.values()), total=total))
     for ratio in ratios:  # each part's median over the passes
         parts[ratio] = {name: median([one[name] for one in passes[ratio]]) for name in passes[ratio][0]}
-    speedups = round_speedups(results, ratios[0])
     print(f'{type(model).__name__} with {type(backbone).__name__} (whole model: test_step), batch {args.batch_size}, '
           f'{height}x{width}, {describe_device(args)}, {args.rounds} interleaved rounds of {args.iters} batches')
     if changed:
         print(f'Equal head work in both settings: {changed}; --config-detections keeps the config\'s threshold')
-    print(f'{"keep ratio":>10} | {"GFLOPs":>7} | {"images/s":>9} | {"speed-up":>8} | {"quartiles":>13} | '
-          f'{"FLOPs speed-up":>14} | {"gain realised (95% CI)":>22}')
-    table = speed_rows(results, speedups, flops, ratios)
-    for ratio, row in table.items():
-        print(row.pop('line'))
+    if args.compile:
+        print('torch.compile: the backbone and the neck (the heads, with NMS and resizing, stay eager)')
+    tables = print_backend_tables(results, flops, ratios)
+    table = tables.pop('eager')
+    table.update(tables)
+    for ratio in ratios:
+        row = table[ratio]
         row['seconds_by_part'] = parts[ratio]
         row['backbone_share'] = parts[ratio]['backbone'] / parts[ratio]['total']
         if detections:

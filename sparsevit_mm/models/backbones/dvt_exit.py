@@ -15,7 +15,6 @@ Tokenizers: T2T (two soft splits with Performer token mixers, then a projection;
 embedding (DeiT). Sizes are set so that a 224 px image gives 7x7, 10x10 or 14x14 tokens.
 """
 import math
-from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -26,6 +25,7 @@ from mmpretrain.models.backbones.t2t_vit import get_sinusoid_encoding
 from timm.layers import Attention, DropPath, Mlp
 
 from ...layers import init_vit_weights
+from ...utils.caching import eager_cache
 from ...utils.checkpoint import CheckpointLayoutMixin
 
 # first soft split (kernel, stride, padding) of the T2T tokenizer, and the patch embedding (kernel = stride,
@@ -35,7 +35,7 @@ PATCH_EMBED = {7: (32, 0), 10: (23, 3), 14: (16, 0)}
 REUSED_FEATURE_DIMS = 48
 
 
-@lru_cache(maxsize=None)
+@eager_cache(maxsize=None)
 def _resampling_matrix(side_in: int, side_out: int) -> torch.Tensor:
     """(side_in, side_out) matrix of DVT's 1-d resampler: nearest 2x upsampling, then adaptive average pooling."""
     eye = torch.eye(side_in, dtype=torch.float64)[None]

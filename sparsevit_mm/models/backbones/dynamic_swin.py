@@ -11,7 +11,6 @@ padding and every stage's full feature map (for FPN / UperNet) stay intact. Buil
 The official Swin / DynamicSwin layouts are converted by the functions at the end of this file
 (:func:`swin_to_backbone`, :func:`infer_swin_kwargs`).
 """
-import functools
 import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -22,6 +21,7 @@ import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, swin_converter
 
 from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows
+from ...utils.caching import eager_cache
 from ...utils.checkpoint import StateDict
 from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
 
@@ -100,7 +100,7 @@ class DynamicSwinBlock(SwinBlock):
 
 
 # Both layouts depend only on the map size, so they are built once per size (every block and pass reuses them).
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def window_order(height: int, width: int, window: int, shift: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positions of an (H, W) map in window order: the windows of the map cyclically shifted by ``-shift``, each
     window's positions row by row -> (H * W, ) indices into the row-major map, and the inverse permutation."""
@@ -111,7 +111,7 @@ def window_order(height: int, width: int, window: int, shift: int, device) -> Tu
     return order, order.argsort()
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def shift_mask(height: int, width: int, window: int, shift: int, device) -> torch.Tensor:
     """(nW, area, area) additive mask of shifted windows: -100 between positions that came from different regions
     of the unshifted map (Swin's convention), 0 elsewhere."""

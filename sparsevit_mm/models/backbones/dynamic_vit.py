@@ -250,9 +250,10 @@ class DynamicViT(SparseBackbone):
 
         At inference it is computed once per grid and reused while the weights stay the same (a detector's or
         segmentor's test images share a few sizes; at 800 x 1333 resampling is a bicubic pass over 4,200 tokens);
-        in training it is recomputed, so that its gradient reaches the embedding.
+        in training it is recomputed, so that its gradient reaches the embedding. Inside ``torch.compile`` /
+        ``torch.export`` it is part of the graph (the cache lives outside any graph).
         """
-        if self.training and torch.is_grad_enabled():
+        if (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return resample_pos_embed(self.pos_embed, grid, self.grid_size)
         weights = self.pos_embed
         version = (weights._version, weights.data_ptr(), weights.dtype)  # in-place updates and moves change it

@@ -160,7 +160,8 @@ class UViT(CheckpointLayoutMixin, BaseModule):
         if self.num_classes > 0:
             if labels is None:
                 raise ValueError('this UViT is class-conditional: pass labels')
-            if labels.min() < 0 or labels.max() >= self.num_classes:
+            # (a value check needs the data: it is skipped inside torch.compile / torch.export graphs)
+            if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(f'labels must lie in [0, {self.num_classes}); got values in '
                                  f'[{int(labels.min())}, {int(labels.max())}]')
         elif labels is not None:

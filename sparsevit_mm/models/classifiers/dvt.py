@@ -11,7 +11,7 @@ Official DVT checkpoints are converted to its layout by the functions at the end
 """
 import numbers
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,78 @@ def fit_thresholds(confidences: torch.Tensor, fractions: Sequence[float]) -> Lis
         thresholds.append(threshold)
         running &= confidences[k] < threshold
     return thresholds + [-NO_EXIT]
+
+
+class DVTExitStep(nn.Module):
+    """Exit ``index`` of a DVT as a function of tensors, with what it hands on explicit (one graph to export).
+
+    ``forward(images[, previous_tokens][, previous_relations])``: the previous exit's final tokens (B, 1 + n, D)
+    when this exit reuses features, and its attention logits (B, L * H, 1 + n, 1 + n), all blocks stacked on dim 1,
+    when it reuses relations. Returns ``(logits, [tokens], [relations])``: logits (B, classes), then what the next
+    exit reuses, in the order it takes them.
+    """
+
+    def __init__(self, dvt: 'DVT', index: int):
+        super().__init__()
+        self.exit, self.head = dvt.exits[index], dvt.heads[index]
+        self.previous_grid = dvt.exits[index - 1].grid if index > 0 else None
+        following = dvt.exits[index + 1] if index + 1 < len(dvt.exits) else None
+        self.hands_on_tokens = bool(following is not None and following.feature_reuse)
+        self.hands_on_relations = bool(following is not None and following.relation_reuse)
+        self.input_names = ('images', ) + (('previous_tokens', ) if self.exit.feature_reuse else ()) + \
+            (('previous_relations', ) if self.exit.relation_reuse else ())
+        self.output_names = ('logits', ) + (('tokens', ) if self.hands_on_tokens else ()) + \
+            (('relations', ) if self.hands_on_relations else ())
+        self.training = dvt.training  # the flag only: the exits and heads keep their own modes
+
+    def forward(self, images: torch.Tensor, *previous: torch.Tensor):
+        handed_on = iter(previous)
+        tokens = next(handed_on) if self.exit.feature_reuse else None
+        relations = next(handed_on) if self.exit.relation_reuse else None
+        state = None
+        if tokens is not None or relations is not None:
+            # one stacked map stands for the list of per-block maps: the exit concatenates them on dim 1 anyway
+            state = ExitState(tokens, [relations] if relations is not None else None, None, self.previous_grid)
+        state = self.exit.forward_exit(images, state, need_relations=self.hands_on_relations)
+        outputs = (self.head(state.features), )
+        if self.hands_on_tokens:
+            outputs += (state.tokens, )
+        if self.hands_on_relations:
+            outputs += (torch.cat(state.relations, dim=1), )
+        return outputs
+
+
+def run_early_exit(exits: Sequence[Callable], images: torch.Tensor,
+                   thresholds: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DVT's early exit: exit k runs on the samples still running; those whose top softmax probability reaches
+    ``thresholds[k]`` leave with its logits, the others go on with their rows of what exit k hands on.
+
+    Args:
+        exits: one callable per exit, ``(images, *handed_on) -> (logits, *handed_on)``: :class:`DVTExitStep` s, or
+            exported exits loaded by :func:`sparsevit_mm.deployment.load_exported`.
+        thresholds: one per exit (the last one is not used: every sample still running leaves there).
+    Returns:
+        logits (B, num_classes) and the exit (0-based) of each sample.
+    """
+    batch = images.shape[0]
+    running = torch.arange(batch, device=images.device)
+    exit_of = torch.full((batch, ), len(exits) - 1, dtype=torch.long, device=images.device)
+    logits, handed_on = None, ()
+    for k, run in enumerate(exits):
+        exit_logits, *handed_on = run(images[running], *handed_on)
+        if logits is None:
+            logits = images.new_zeros(batch, exit_logits.shape[1])
+        last = k == len(exits) - 1
+        leave = torch.ones_like(running, dtype=torch.bool) if last else \
+            exit_logits.softmax(-1).amax(-1) >= thresholds[k]
+        logits[running[leave]] = exit_logits[leave].to(logits.dtype)
+        exit_of[running[leave]] = k
+        stay = ~leave
+        if last or not stay.any():
+            break
+        running = running[stay]
+        handed_on = [value[stay] for value in handed_on]
+    return logits, exit_of
 
 
 class DVT(CheckpointLayoutMixin, BaseClassifier):
@@ -251,28 +323,11 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
     def early_exit(self, inputs: torch.Tensor):
         """Run the cascade with early exits. Returns logits (B, num_classes) and the exit (0-2) of each sample.
 
-        Only the samples still running enter exit k + 1; the reused features and relations are gathered for them.
+        Only the samples still running enter exit k + 1; the reused features and relations are gathered for them
+        (:func:`run_early_exit` over :class:`DVTExitStep` s, as over exported exits).
         """
         self._apply_pending_budget()
-        batch = inputs.shape[0]
-        logits = inputs.new_zeros(batch, self.num_classes)
-        exit_of = torch.full((batch, ), len(self.exits) - 1, dtype=torch.long, device=inputs.device)
-        running = torch.arange(batch, device=inputs.device)
-        state: Optional[ExitState] = None
-        for k, (exit_, head) in enumerate(zip(self.exits, self.heads)):
-            last = k == len(self.exits) - 1
-            state = exit_.forward_exit(inputs[running], state, need_relations=not last)
-            exit_logits = head(state.features)
-            leave = torch.ones_like(running, dtype=torch.bool) if last else \
-                exit_logits.softmax(-1).amax(-1) >= self.thresholds[k]
-            logits[running[leave]] = exit_logits[leave].to(logits.dtype)
-            exit_of[running[leave]] = k
-            stay = ~leave
-            if last or not stay.any():
-                break
-            running = running[stay]
-            state = ExitState(state.tokens[stay], [r[stay] for r in state.relations], state.features[stay], state.grid)
-        return logits, exit_of
+        return run_early_exit([DVTExitStep(self, k) for k in range(len(self.exits))], inputs, self.thresholds)
 
     def predict(self, inputs: torch.Tensor, data_samples: Optional[List[DataSample]] = None) -> List[DataSample]:
         self._apply_pending_budget()
