@@ -133,8 +133,6 @@ def export_targets(model: nn.Module, shape: Optional[Sequence[int]] = None, batc
     if isinstance(part, (UViTDiffusion, UViT)):
         return [_uvit_target(part, height, width, batch_size, kind, seed)]
     images = example_images(batch_size, height, width, kind, seed)
-    if part is model and isinstance(model, (SparseBackbone, UViTBackbone)):
-        return [ExportTarget('backbone', model, (images, ), ('images', ), _feature_names(model, images))]
     if part is not model and getattr(model, 'head', None) is not None and _is_mmpretrain(model):
         wrapper = ClassifierLogits(model).train(model.training)
         return [ExportTarget('classifier', wrapper, (images, ), ('images', ), ('logits', ))]
@@ -142,8 +140,7 @@ def export_targets(model: nn.Module, shape: Optional[Sequence[int]] = None, batc
 
 
 def _is_mmpretrain(model: nn.Module) -> bool:
-    return type(model).__module__.startswith('mmpretrain.') or \
-        any(cls.__module__.startswith('mmpretrain.') for cls in type(model).__mro__)
+    return any(cls.__module__.startswith('mmpretrain.') for cls in type(model).__mro__)
 
 
 def _resolve_shape(model, shape) -> Tuple[int, int]:
@@ -263,8 +260,7 @@ def load_exported(path: str, threads: Optional[int] = None) -> Runner:
         module = torch.export.load(path).module()
 
         def run_program(*inputs):
-            outputs = module(*inputs)
-            return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            return as_list(module(*inputs))
         return run_program
     if not path.endswith('.onnx'):
         raise ValueError(f'{path}: exported files end in .pt2 (torch.export) or .onnx')
@@ -290,10 +286,14 @@ def onnxruntime_session(path: str, threads: Optional[int] = None):
     return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
+def as_list(outputs) -> List[torch.Tensor]:
+    """A module's output (a tensor, or a tuple / list of them) as a list of tensors."""
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
 def eager_outputs(target: ExportTarget, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     with torch.no_grad():
-        outputs = target.module(*inputs)
-    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        return as_list(target.module(*inputs))
 
 
 def max_difference(ours: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:

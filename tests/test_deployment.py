@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from sparsevit_mm.deployment import (DVTExitStep, NotExportable, export, export_targets, load_exported,
+from sparsevit_mm.deployment import (DVTExitStep, NotExportable, as_list, export, export_targets, load_exported,
                                      max_difference, run_early_exit)
 from sparsevit_mm.models import DVT, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, UViT
 from sparsevit_mm.models.classifiers.dvt import fit_thresholds
@@ -32,10 +32,6 @@ def tiny(family: str):
         return model.eval(), (torch.randn(2, 3, 64, 96), )
     model = UViT(arch=TINY_UVIT, img_size=16, patch_size=4, in_channels=3, num_classes=5)
     return model.eval(), (torch.randn(2, 3, 16, 16), torch.rand(2) * 999, torch.tensor([1, 4]))
-
-
-def as_list(outputs):
-    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 
 FAMILIES = ['dynamicvit', 'swin', 'convnext', 'uvit']

@@ -200,32 +200,23 @@ def onnxruntime_settings(model, backbone, ratios, images, export_dir) -> Dict[tu
 
 
 def compiled_network_settings(model, backbone, ratios, step, args) -> Dict[tuple, Callable]:
-    """Whole-model settings with ``torch.compile`` of the backbone's and the neck's forward (instance attributes
-    that :func:`eager_forwards` removes again), the rest of ``test_step`` eager."""
+    """Whole-model settings, eager and with ``torch.compile`` of the backbone's and the neck's forward (instance
+    attributes, which every setting first removes with :func:`eager_forwards`); the rest of ``test_step`` eager."""
     modules = [m for m in (model.backbone, getattr(model, 'neck', None)) if m is not None]
     compiled = [torch.compile(m.forward, dynamic=False, mode=args.compile_mode, fullgraph=True,
                               backend=args.compile_backend) for m in modules]
 
-    def setting(ratio):
-        eager_prepare = keep_ratio_setting(backbone, ratio, step, args.fp16)
-
-        def prepare():
-            for module, forward in zip(modules, compiled):
-                module.forward = forward
-            return eager_prepare()
-        return prepare
-
-    def eager_setting(ratio):
-        eager_prepare = keep_ratio_setting(backbone, ratio, step, args.fp16)
+    def setting(ratio, use_compiled):
+        keep_ratio_prepare = keep_ratio_setting(backbone, ratio, step, args.fp16)
 
         def prepare():
             eager_forwards(model)
-            return eager_prepare()
+            if use_compiled:
+                for module, forward in zip(modules, compiled):
+                    module.forward = forward
+            return keep_ratio_prepare()
         return prepare
-    settings = {('compiled', r): setting(r) for r in ratios}
-    # the eager settings must drop the compiled forwards again: they are re-made here in the same order
-    settings.update({('eager', r): eager_setting(r) for r in ratios})
-    return settings
+    return {**{('eager', r): setting(r, False) for r in ratios}, **{('compiled', r): setting(r, True) for r in ratios}}
 
 
 def eager_forwards(model):
