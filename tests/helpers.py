@@ -1,7 +1,13 @@
 """Tiny datasets and configs the tests generate for themselves (nothing is downloaded)."""
+import atexit
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +119,81 @@ def load_tool(path: str):
     return module
 
 
-def run_tool(*args, timeout=900, env=None):
-    """Run a repo script with this interpreter; return the completed process (raises with its output on error)."""
+class ToolServer:
+    """The client side of tests/tool_server.py: one server per test process, started on first use."""
+
+    def __init__(self):
+        self.process = None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.process = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'tool_server.py')], cwd=REPO, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.stop)
+        self.reply('ready')
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+    def reply(self, key):
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f'the tool server ended (status {self.process.wait()}) before answering {key!r}')
+        return json.loads(line)[key]
+
+    def run(self, script, args, env, timeout):
+        """Run ``script`` with ``args``; returns (returncode, stdout, stderr)."""
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        with tempfile.TemporaryDirectory() as logs:
+            out, err = Path(logs) / 'stdout', Path(logs) / 'stderr'
+            request = dict(script=str(REPO / script), args=list(args), cwd=str(REPO), env=env, stdout=str(out),
+                           stderr=str(err))
+            self.process.stdin.write(json.dumps(request) + '\n')
+            self.process.stdin.flush()
+            pid, timed_out = self.reply('pid'), threading.Event()
+
+            def kill():
+                timed_out.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            try:
+                returncode = self.reply('returncode')
+            finally:
+                timer.cancel()
+            stdout, stderr = out.read_text(errors='replace'), err.read_text(errors='replace')
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired([script, *args], timeout, stdout, stderr)
+        return returncode, stdout, stderr
+
+
+TOOL_SERVER = ToolServer()
+
+
+def run_tool(*args, timeout=900, env=None, fresh=False, check=True):
+    """Run a repo script as this interpreter would; return the completed process.
+
+    A script runs in a child forked from tests/tool_server.py (the frameworks already imported, ``sparsevit_mm``
+    not); ``fresh=True`` or a module run (``'-m', 'torch.distributed.run', ...``) starts a new interpreter.
+    ``check``: raise with the output unless the run succeeded; ``check=False``: unless it failed.
+    """
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-    if proc.returncode != 0:
+    args = [str(arg) for arg in args]
+    if fresh or args[0] == '-m':
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+    else:
+        returncode, stdout, stderr = TOOL_SERVER.run(args[0], args[1:], full_env, timeout)
+        proc = subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+    if check and proc.returncode != 0:
         raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
+    if not check and proc.returncode == 0:
+        raise AssertionError(f'{args} succeeded, a failure was expected:\n{proc.stdout[-3000:]}')
     return proc
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite in the environment tools/install.sh set up (the active venv, else .venv/).
-#   bash tools/run_tests.sh            # the whole suite (CPU, ~15 min on 2 cores, two pytest-xdist workers)
+#   bash tools/run_tests.sh            # the whole suite (CPU, ~10 min on 2 cores, two pytest-xdist workers)
 #   bash tools/run_tests.sh -m "not slow"   # the quick subset (no end-to-end tool runs)
 #   bash tools/run_tests.sh -k uvit    # any pytest arguments
 set -euo pipefail
