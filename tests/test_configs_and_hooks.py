@@ -115,3 +115,14 @@ def test_classifier_init_from_an_official_checkpoint(tmp_path):
     assert torch.equal(model.backbone.blocks[3].attn.proj.weight, sd['blocks.3.attn.proj.weight'])
     assert torch.equal(model.head.layers.head.weight, sd['head.weight'])
     assert model.backbone.score_predictors[2].in_proj.weight.abs().sum() > 0, 'predictors get their own init'
+
+
+def test_keep_ratio_loss_hook_refuses_a_dense_backbone():
+    from types import SimpleNamespace
+
+    from sparsevit_mm.engine import KeepRatioLossHook
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        dense = MODELS.build(dict(type='ImageClassifier', backbone=dict(type='ResNet', depth=18),
+                                  head=dict(type='LinearClsHead', num_classes=2, in_channels=512)))
+    with pytest.raises(TypeError, match='KeepRatioLossHook needs a model with a sparse backbone .* got ResNet'):
+        KeepRatioLossHook().before_train(SimpleNamespace(model=dense))

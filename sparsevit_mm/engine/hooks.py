@@ -6,6 +6,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from ..layers import keep_ratio_terms
+from ..models.backbones.base import SparseBackbone
 from ..utils.checkpoint import CheckpointMismatchError, check_fit, convert_for_model
 
 
@@ -88,7 +89,7 @@ class KeepRatioLossHook(Hook):
     def before_train(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         backbone = getattr(model, 'backbone', None)
-        if backbone is None or not hasattr(backbone, 'pop_keep_decisions'):
+        if not isinstance(backbone, SparseBackbone):
             raise TypeError(f'KeepRatioLossHook needs a model with a sparse backbone (DynamicViT, '
                             f'DynamicSwinTransformer, DynamicConvNeXt); got {type(backbone).__name__}')
         if getattr(model, '_keep_ratio_loss_wrapped', False):

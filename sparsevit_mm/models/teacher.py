@@ -7,6 +7,8 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 
 from ..utils.checkpoint import load_weights
+from .backbones.base import SparseBackbone
+from .heads import TokenLabelingClsHead
 from ..utils.config import read_config
 
 
@@ -82,7 +84,7 @@ class FrozenTeacher:
             model.to(inputs.device)
         model.eval()
         tokens = None
-        if hasattr(model.backbone, 'forward_sparse') and self.token_layer is None:
+        if isinstance(model.backbone, SparseBackbone) and self.token_layer is None:
             result = model.backbone.forward_sparse(inputs)
             feats, tokens = result.outs, result.patch_tokens
         else:
@@ -99,8 +101,10 @@ class FrozenTeacher:
         if getattr(model, 'neck', None) is not None:
             feats = model.neck(feats)
         head = model.head
-        logits = head.cls_logits(feats) if hasattr(head, 'cls_logits') else head(feats)
-        token_logits = head.token_logits(feats) if hasattr(head, 'token_logits') else None
+        if isinstance(head, TokenLabelingClsHead):
+            logits, token_logits = head.cls_logits(feats), head.token_logits(feats)
+        else:
+            logits, token_logits = head(feats), None
         return TeacherOutputs(logits, tokens, token_logits)
 
 

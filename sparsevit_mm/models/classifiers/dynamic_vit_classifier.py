@@ -7,6 +7,8 @@ from mmpretrain.structures import DataSample
 
 from ...layers import keep_ratio_terms
 from ...utils.checkpoint import load_weights
+from ..backbones.base import SparseBackbone
+from ..heads import TokenLabelingClsHead
 from ..losses import logit_distillation_loss, token_distillation_loss
 from ..teacher import FrozenTeacher, build_teacher
 
@@ -40,8 +42,8 @@ class DynamicViTClassifier(ImageClassifier):
                                                                                       init_cfg=None),
                                                neck=neck, head=head))
         super().__init__(backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg)
-        if not hasattr(self.backbone, 'forward_sparse'):
-            raise TypeError(f'DynamicViTClassifier needs a token-sparse backbone (with forward_sparse), got '
+        if not isinstance(self.backbone, SparseBackbone):
+            raise TypeError(f'DynamicViTClassifier needs a token-sparse backbone (a SparseBackbone), got '
                             f'{type(self.backbone).__name__}')
         if token_distill not in ('mse', 'kl'):
             raise ValueError(f"token_distill must be 'mse' or 'kl', got {token_distill!r}")
@@ -74,7 +76,7 @@ class DynamicViTClassifier(ImageClassifier):
 
     def _logits(self, feats) -> torch.Tensor:
         head = self.head
-        return head.cls_logits(feats) if hasattr(head, 'cls_logits') else head(feats)
+        return head.cls_logits(feats) if isinstance(head, TokenLabelingClsHead) else head(feats)
 
     def loss(self, inputs: torch.Tensor, data_samples: List[DataSample]) -> dict:
         result = self.backbone.forward_sparse(inputs)
@@ -93,7 +95,7 @@ class DynamicViTClassifier(ImageClassifier):
             if need_tokens:
                 keep_mask = result.token_mask
                 if self.token_distill == 'kl':
-                    if teacher.token_logits is None or not hasattr(self.head, 'token_logits'):
+                    if teacher.token_logits is None or not isinstance(self.head, TokenLabelingClsHead):
                         raise ValueError("token_distill='kl' needs token-labeling heads (TokenLabelingClsHead) "
                                          'on both student and teacher')
                     student_tokens, teacher_tokens = self.head.token_logits(feats), teacher.token_logits
