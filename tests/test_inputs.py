@@ -79,8 +79,10 @@ def test_dvt_budget_from_the_config_applies_to_a_table_loaded_later():
     (dict(budget=-1.0), r'budget must be a positive number of GFLOPs per image, got -1\.0'),
     (dict(budget='1.5'), r"budget must be a positive number of GFLOPs per image, got '1\.5'"),
     (dict(budget=1.5, thresholds=[0.5, 0.5, 0.0]), r'give thresholds or a budget, not both'),
+    (dict(test_cfg=dict(mode='anytime', budget=1.5)), r"DVT test_cfg takes only 'mode' .*, got \['budget'\]"),
+    (dict(test_cfg=dict(mode='all')), r"test_cfg mode must be 'early_exit' or 'anytime', got 'all'"),
 ])
-def test_dvt_bad_budget_is_an_error_at_construction(kwargs, message):
+def test_dvt_bad_budget_or_test_cfg_is_an_error_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DVT(arch=TINY_DVT, num_classes=5, **kwargs)
 

@@ -182,6 +182,9 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
         self.heads = nn.ModuleList(nn.Linear(self.arch['embed_dims'], num_classes) for _ in self.grids)
         self.num_classes = num_classes
         self.loss_module = loss if isinstance(loss, nn.Module) else PRETRAIN_MODELS.build(loss)
+        unknown = sorted(set(test_cfg or {}) - {'mode'})
+        if unknown:
+            raise ValueError(f"DVT test_cfg takes only 'mode' ('early_exit' or 'anytime'), got {unknown}")
         self.test_cfg = {'mode': 'early_exit', **(test_cfg or {})}
         if self.test_cfg['mode'] not in ('early_exit', 'anytime'):
             raise ValueError(f"test_cfg mode must be 'early_exit' or 'anytime', got {self.test_cfg['mode']!r}")
