@@ -347,7 +347,9 @@ def benchmark_whole_model(model, backbone, framework, ratios, height, width, arg
     if changed:
         print(f'Equal head work in both settings: {changed}; --config-detections keeps the config\'s threshold')
     if args.compile:
-        print('torch.compile: the backbone and the neck (the heads, with NMS and resizing, stay eager)')
+        compiled = 'the backbone and the neck' if getattr(model, 'neck', None) is not None else 'the backbone'
+        eager = 'the heads, with NMS and mask pasting' if framework == 'mmdet' else 'the heads and resizing'
+        print(f'torch.compile: {compiled} ({eager} stay eager)')
     tables = print_backend_tables(results, flops, ratios)
     table = tables.pop('eager')
     table.update(tables)
