@@ -32,10 +32,9 @@ def run_child(request: dict):
     os.chdir(request['cwd'])
     os.environ.clear()
     os.environ.update(request['env'])
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    for fd, path in ((1, request['stdout']), (2, request['stderr'])):
-        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request['stdout'], os.O_WRONLY | os.O_CREAT),
+                            (2, request['stderr'], os.O_WRONLY | os.O_CREAT)):
+        file = os.open(path, flags, 0o644)
         os.dup2(file, fd)
         os.close(file)
     if 'OMP_NUM_THREADS' in os.environ:  # read by OpenMP when torch loaded, in the server: apply it here

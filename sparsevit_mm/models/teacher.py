@@ -7,9 +7,9 @@ from mmengine.config import ConfigDict
 from mmengine.logging import print_log
 
 from ..utils.checkpoint import load_weights
+from ..utils.config import read_config
 from .backbones.base import SparseBackbone
 from .heads import TokenLabelingClsHead
-from ..utils.config import read_config
 
 
 class TeacherOutputs(NamedTuple):
