@@ -65,10 +65,11 @@ randomness = dict(seed=0)
     return path
 
 
-def popen(args, log):
-    """A repo script in its own process group (so that torchrun and its workers can be killed together)."""
+def popen(args, log, cwd):
+    """A repo script in its own process group (so that torchrun and its workers can be killed together), run in
+    ``cwd``: a run killed while validating leaves mmengine's result exchange (``.dist_test/``) there."""
     env = dict(os.environ, PYTHONPATH=str(REPO), **ENV)
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=log,
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -149,15 +150,15 @@ def kill_and_resume(setup, name, world_size=1, num_workers=0, batch_size=4):
     root, data, teacher = setup
 
     def launch():  # a fresh port for each torchrun
-        return [*torchrun(), 'tools/train.py'] if world_size > 1 else ['tools/train.py']
+        return [*torchrun(), REPO / 'tools/train.py'] if world_size > 1 else [REPO / 'tools/train.py']
 
     extra = ['--launcher', 'pytorch'] if world_size > 1 else []
     config = epoch_config(root, data, teacher, name, num_workers=num_workers, batch_size=batch_size)
     work_a, work_b = root / f'{name}_A', root / f'{name}_B'
     log_a, log_b = root / f'{name}_A.log', root / f'{name}_B.log'
     with open(log_a, 'w') as fa, open(log_b, 'w') as fb:
-        run_a = popen([*launch(), config, '--work-dir', work_a, *extra], fa)  # uninterrupted
-        run_b = popen([*launch(), config, '--work-dir', work_b, *extra], fb)
+        run_a = popen([*launch(), config, '--work-dir', work_a, *extra], fa, root)  # uninterrupted
+        run_b = popen([*launch(), config, '--work-dir', work_b, *extra], fb, root)
         try:
             kill_after_epoch_2(run_b, work_b, log_b)
             wait_ok(run_a, log_a)
