@@ -69,11 +69,11 @@ def test_mmseg_inferencer_on_a_dynamic_swin_upernet(tmp_path, image):
 def test_image_classification_inferencer_on_a_dynamic_vit(tmp_path, image):
     from mmpretrain.apis import ImageClassificationInferencer
     text = tiny_classifier_config(make_imagenet_folder(tmp_path / 'data', per_class=2), tmp_path / 'work')
-    config, weights, state = config_and_weights(tmp_path, text)
+    config, weights, _ = config_and_weights(tmp_path, text)
     inferencer = ImageClassificationInferencer(model=config, pretrained=str(weights), device='cpu')
     prediction, = inferencer(image)
     assert prediction['pred_label'] in (0, 1) and prediction['pred_scores'].shape == (2, )
     assert prediction['pred_scores'].sum() == pytest.approx(1.0, abs=1e-5)
-    # the weights are those of the file: the inferencer's model predicts what init_model's does
+    # the inferencer's model holds the file's weights, as init_model's does
     model = init_model(config, str(weights))
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in inferencer.model.state_dict().items())
