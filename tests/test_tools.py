@@ -87,6 +87,49 @@ def test_two_process_gloo_train_test_resume(setup):
     assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
 
 
+TEARDOWN_SCRIPT = """
+import os
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from sparsevit_mm.launch import setup_launcher, teardown_distributed
+
+def threads():
+    return len(os.listdir('/proc/self/task'))
+
+torch.set_num_threads(1)
+torch.ones(8, 8) @ torch.ones(8, 8)
+before = threads()
+setup_launcher(Config(), 'pytorch')
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+model(torch.randn(2, 4)).sum().backward()
+dist.all_gather_object([None, None], dict(rank=dist.get_rank()))
+holder = dict(model=model)
+holder['self'] = holder  # only the garbage collector frees it, as with mmengine's Runner
+del model, holder
+during = threads()
+teardown_distributed()
+print(f'rank {dist.get_rank() if dist.is_initialized() else "-"} threads before={before} during={during} '
+      f'after={threads()}')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='counts threads through /proc')
+def test_teardown_joins_gloo_threads_before_interpreter_exit(tmp_path):
+    """Gloo threads alive at interpreter finalization can abort the process (1 run in ~40, under load): the teardown
+    must free the group, even when a reference cycle holds the DDP wrapper, and join its threads."""
+    script = tmp_path / 'teardown.py'
+    script.write_text(TEARDOWN_SCRIPT)
+    out = run_tool('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', script,
+                   env={'OMP_NUM_THREADS': '1'})
+    counts = re.findall(r'threads before=(\d+) during=(\d+) after=(\d+)', out.stdout)
+    assert len(counts) == 2, out.stdout + out.stderr
+    for before, during, after in counts:
+        assert int(during) > int(before), 'the gloo group should run threads of its own'
+        assert int(after) == int(before), f'gloo threads survive the teardown: {before} before, {after} after'
+
+
 @pytest.mark.slow
 def test_get_flops_deit_small_matches_the_paper():
     out = run_tool('tools/analysis/get_flops.py', 'configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py',
