@@ -3,6 +3,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,16 @@ class ToolServer:
 TOOL_SERVER = ToolServer()
 
 
+FAILURE_LINE = re.compile(r'Error\b|Exception\b|terminate called|Fatal Python error|Signal \d+ \(')
+
+
+def failure_lines(text: str, limit: int = 20) -> str:
+    """The lines that say why a run failed, wherever they are: torchrun's own traceback fills the tail, and a rank's
+    last words ("terminate called ...") sit far above it."""
+    lines = [line for line in text.splitlines() if FAILURE_LINE.search(line) and 'Warning' not in line]
+    return '\n'.join(lines[:limit])
+
+
 def run_tool(*args, timeout=900, env=None, fresh=False, check=True):
     """Run a repo script as this interpreter would; return the completed process.
 
@@ -191,7 +202,9 @@ def run_tool(*args, timeout=900, env=None, fresh=False, check=True):
         returncode, stdout, stderr = TOOL_SERVER.run(args[0], args[1:], full_env, timeout)
         proc = subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f'{args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
+        raise AssertionError(f'{args} failed ({proc.returncode}); lines naming the failure:\n'
+                             f'{failure_lines(proc.stdout + proc.stderr)}\n--- output tails ---\n'
+                             f'{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
     if not check and proc.returncode == 0:
         raise AssertionError(f'{args} succeeded, a failure was expected:\n{proc.stdout[-3000:]}')
     return proc
