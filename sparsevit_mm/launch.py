@@ -1,5 +1,6 @@
 """What our ``tools/`` scripts share: the hooks they add to a config, mixed precision, resume, and launching
 (including CPU-only DDP). Config reading itself is :mod:`sparsevit_mm.utils.config`."""
+import contextlib
 import gc
 import os
 from typing import Optional, Sequence
@@ -112,6 +113,16 @@ def add_checkpoint_layout_hook(cfg: Config) -> bool:
 def add_random_state_hook(cfg: Config) -> bool:
     """Add ``RandomStateHook`` (RNG states in checkpoints: a resumed run is bit-identical) unless it is there."""
     return add_custom_hook(cfg, 'RandomStateHook')
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """Around a runner's ``train()`` / ``test()``: on success, leave the process group cleanly
+    (:func:`teardown_distributed`); on an error, leave at once. A rank that failed alone must not wait in a barrier
+    for ranks still in a collective (gloo's default timeout is 30 minutes, and the error would not show until then);
+    once it exits, torchrun stops the others."""
+    yield
+    teardown_distributed()
 
 
 def teardown_distributed():

@@ -193,7 +193,7 @@ def run_tool(*args, timeout=900, env=None, fresh=False, check=True):
     not); ``fresh=True`` or a module run (``'-m', 'torch.distributed.run', ...``) starts a new interpreter.
     ``check``: raise with the output unless the run succeeded; ``check=False``: unless it failed.
     """
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    full_env = {**os.environ, 'PYTHONPATH': str(REPO), **(env or {})}  # env may extend PYTHONPATH
     args = [str(arg) for arg in args]
     if fresh or args[0] == '-m':
         proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,

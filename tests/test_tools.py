@@ -1,5 +1,6 @@
 """Our tools/ end to end on data the tests generate: train, test, resume (1 and 2 processes), convert, analyse."""
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
+from .helpers import REPO, failure_lines, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
 
 
 def free_port():
@@ -128,6 +129,37 @@ def test_teardown_joins_gloo_threads_before_interpreter_exit(tmp_path):
     for before, during, after in counts:
         assert int(during) > int(before), 'the gloo group should run threads of its own'
         assert int(after) == int(before), f'gloo threads survive the teardown: {before} before, {after} after'
+
+
+FAIL_ALONE_HOOK = """
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class FailAloneHook(Hook):
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if get_rank() == 1:
+            raise RuntimeError(f'rank 1 fails alone at iteration {runner.iter}')
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_alone_ends_the_run_with_its_error(setup, tmp_path):
+    """Rank 0 goes on into the next iteration's all-reduce; the run must end with rank 1's error at once, not hang
+    until gloo's 30-minute timeout."""
+    root, data, teacher = setup
+    (tmp_path / 'fail_alone.py').write_text(FAIL_ALONE_HOOK)
+    config = tmp_path / 'fail_alone_config.py'
+    config.write_text(tiny_classifier_config(data, tmp_path / 'work', max_iters=4)
+                      + "custom_imports = dict(imports=['sparsevit_mm', 'fail_alone'], allow_failed_imports=False)\n"
+                      + "custom_hooks = [dict(type='FailAloneHook')]\n")
+    env = {'OMP_NUM_THREADS': '1', 'PYTHONPATH': f'{REPO}{os.pathsep}{tmp_path}'}
+    out = run_tool('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+                   'tools/train.py', config, '--launcher', 'pytorch', env=env, timeout=120, check=False)
+    text = out.stdout + out.stderr
+    assert re.search(r'RuntimeError: rank 1 fails alone at iteration \d', text), failure_lines(text)
 
 
 @pytest.mark.slow

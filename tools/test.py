@@ -16,7 +16,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, build_runner, common_dataloader_defaults,  # noqa: E402
-                                 setup_launcher, teardown_distributed)
+                                 distributed_run, setup_launcher)
 from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 
@@ -46,10 +46,8 @@ def main(argv=None):
         cfg.test_evaluator = list(evaluators) + [dict(type='DumpResults', out_file_path=args.out)]
     common_dataloader_defaults(cfg, ('test_dataloader',))
     setup_launcher(cfg, args.launcher)
-    try:
+    with distributed_run():  # a clean teardown on success; a failing rank exits at once
         metrics = build_runner(cfg).test()
-    finally:
-        teardown_distributed()
     return metrics
 
 

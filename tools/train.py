@@ -14,8 +14,8 @@ from mmengine.config import DictAction  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
-                                 add_random_state_hook, build_runner, common_dataloader_defaults, enable_amp,
-                                 parse_resume, setup_launcher, teardown_distributed)
+                                 add_random_state_hook, build_runner, common_dataloader_defaults, distributed_run,
+                                 enable_amp, parse_resume, setup_launcher)
 from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 
@@ -53,10 +53,8 @@ def main(argv=None):
     parse_resume(cfg, args.resume)
     common_dataloader_defaults(cfg)
     setup_launcher(cfg, args.launcher)
-    try:
+    with distributed_run():  # a clean teardown on success; a failing rank exits at once
         build_runner(cfg).train()
-    finally:
-        teardown_distributed()
 
 
 if __name__ == '__main__':
