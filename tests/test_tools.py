@@ -160,6 +160,8 @@ def test_a_rank_that_fails_alone_ends_the_run_with_its_error(setup, tmp_path):
                    'tools/train.py', config, '--launcher', 'pytorch', env=env, timeout=120, check=False)
     text = out.stdout + out.stderr
     assert re.search(r'RuntimeError: rank 1 fails alone at iteration \d', text), failure_lines(text)
+    root_cause = text.split('Root Cause', 1)[-1]  # torchrun's summary: the entry point records the exception
+    assert 'rank 1 fails alone' in root_cause, root_cause[-3000:]
 
 
 @pytest.mark.slow

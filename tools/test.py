@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, build_runner, common_dataloader_defaults,  # noqa: E402
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@record  # under torchrun, the failing rank's traceback is the run's root cause
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(args.checkpoint):

@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
@@ -36,6 +37,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@record  # under torchrun, the failing rank's traceback is the run's root cause
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
