@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,25 @@ class ToolServer:
 
 
 TOOL_SERVER = ToolServer()
+
+
+USED_PORTS = set()
+
+
+def free_port() -> int:
+    """A free local TCP port, never the same one twice in a worker (two torchruns may be starting at once)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        if port not in USED_PORTS:
+            USED_PORTS.add(port)
+            return port
+
+
+def torchrun(nproc: int = 2) -> list:
+    """``run_tool`` / interpreter arguments that start a script under torchrun, on a fresh port."""
+    return ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
 
 
 FAILURE_LINE = re.compile(r'Error\b|Exception\b|terminate called|Fatal Python error|Signal \d+ \(')

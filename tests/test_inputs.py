@@ -1,7 +1,6 @@
 """Inputs that used to be silently wrong or to fail deep inside: DVT budgets, U-ViT sampling options, empty
 batches of the dynamic backbones, and the distributed launch scripts outside an activated environment."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,8 @@ import torch
 
 from sparsevit_mm.models import DVT, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, UViTDiffusion
 
-from .helpers import (REPO, TINY_ARCH, TINY_CONVNEXT, TINY_DVT, TINY_SWIN, TINY_UVIT, make_imagenet_folder,
-                      save_tiny_teacher, tiny_classifier_config)
+from .helpers import (REPO, TINY_ARCH, TINY_CONVNEXT, TINY_DVT, TINY_SWIN, TINY_UVIT, free_port,
+                      make_imagenet_folder, save_tiny_teacher, tiny_classifier_config)
 
 
 # ---------------------------------------------------------------------------------------------------- DVT budget
@@ -200,12 +199,6 @@ def test_dynamic_hierarchical_empty_batch(cls, arch, keep_ratio, training):
 
 
 # ---------------------------------------------------------------------------------------------------- launch scripts
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def test_dist_test_script_finds_the_project_environment_without_it_on_path(tmp_path):
     data = make_imagenet_folder(tmp_path / 'data', num_classes=2, per_class=2)
     config = tmp_path / 'tiny.py'
@@ -213,7 +206,7 @@ def test_dist_test_script_finds_the_project_environment_without_it_on_path(tmp_p
     checkpoint = save_tiny_teacher(tmp_path / 'tiny.pth')
     env = {k: v for k, v in os.environ.items() if k not in ('VIRTUAL_ENV', 'PYTHONPATH', 'PYTHONHOME')}
     # A PATH with no environment on it (a python3 without torch at most), as in a shell that never activated one.
-    env.update(PATH='/usr/bin:/bin', OMP_NUM_THREADS='1', PORT=str(_free_port()))
+    env.update(PATH='/usr/bin:/bin', OMP_NUM_THREADS='1', PORT=str(free_port()))
     if Path(sys.prefix).resolve() != (REPO / '.venv').resolve():
         env['VIRTUAL_ENV'] = sys.prefix  # these tests run in an environment of their own: name it as activation would
     proc = subprocess.run(['bash', str(REPO / 'tools' / 'dist_test.sh'), str(config), str(checkpoint), '2'],

@@ -4,7 +4,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +18,10 @@ from sparsevit_mm.engine import RandomStateHook, random_state
 from sparsevit_mm.launch import add_random_state_hook
 from sparsevit_mm.utils.config import load_config
 
-from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
+from .helpers import REPO, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config, torchrun
 
 EPOCHS = 4
 ENV = {'OMP_NUM_THREADS': '1'}  # two shared cores; the same for every run of a comparison
-USED_PORTS = set()
-
-
-def free_port():
-    while True:
-        with socket.socket() as sock:
-            sock.bind(('127.0.0.1', 0))
-            port = sock.getsockname()[1]
-        if port not in USED_PORTS:  # two torchruns may be starting at the same time
-            USED_PORTS.add(port)
-            return port
-
-
-def torchrun():
-    return ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}']
 
 
 @pytest.fixture(scope='module')

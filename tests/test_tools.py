@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .helpers import REPO, failure_lines, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+from .helpers import (REPO, failure_lines, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config,
+                      torchrun)
 
 
 def scalars(work_dir):
@@ -74,16 +68,13 @@ def test_two_process_gloo_train_test_resume(setup):
     config = write_config(root, data, teacher, 'tiny_dist', work, max_iters=2)
     env = {'OMP_NUM_THREADS': '1'}
 
-    def launch():
-        return ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}']
-
-    out = run_tool(*launch(), 'tools/train.py', config, '--launcher', 'pytorch', env=env)
+    out = run_tool(*torchrun(), 'tools/train.py', config, '--launcher', 'pytorch', env=env)
     assert (work / 'iter_2.pth').is_file()
     text = out.stdout + out.stderr
     assert 'Distributed training: True' in text and 'GPU number: 2' in text  # mmengine's words for world size 2
-    out = run_tool(*launch(), 'tools/test.py', config, work / 'iter_2.pth', '--launcher', 'pytorch', env=env)
+    out = run_tool(*torchrun(), 'tools/test.py', config, work / 'iter_2.pth', '--launcher', 'pytorch', env=env)
     assert 'accuracy/top1' in out.stdout + out.stderr
-    run_tool(*launch(), 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
+    run_tool(*torchrun(), 'tools/train.py', config, '--launcher', 'pytorch', '--resume', '--cfg-options',
              'train_cfg.max_iters=4', env=env)
     assert torch.load(work / 'iter_4.pth', weights_only=False)['meta']['iter'] == 4
 
@@ -121,8 +112,7 @@ def test_teardown_joins_gloo_threads_before_interpreter_exit(tmp_path):
     must free the group, even when a reference cycle holds the DDP wrapper, and join its threads."""
     script = tmp_path / 'teardown.py'
     script.write_text(TEARDOWN_SCRIPT)
-    out = run_tool('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', script,
-                   env={'OMP_NUM_THREADS': '1'})
+    out = run_tool(*torchrun(), script, env={'OMP_NUM_THREADS': '1'})
     counts = re.findall(r'threads before=(\d+) during=(\d+) after=(\d+)', out.stdout)
     assert len(counts) == 2, out.stdout + out.stderr
     for before, during, after in counts:
@@ -155,8 +145,8 @@ def test_a_rank_that_fails_alone_ends_the_run_with_its_error(setup, tmp_path):
                       + "custom_imports = dict(imports=['sparsevit_mm', 'fail_alone'], allow_failed_imports=False)\n"
                       + "custom_hooks = [dict(type='FailAloneHook')]\n")
     env = {'OMP_NUM_THREADS': '1', 'PYTHONPATH': f'{REPO}{os.pathsep}{tmp_path}'}
-    out = run_tool('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-                   'tools/train.py', config, '--launcher', 'pytorch', env=env, timeout=120, check=False)
+    out = run_tool(*torchrun(), 'tools/train.py', config, '--launcher', 'pytorch', env=env, timeout=120,
+                   check=False)
     text = out.stdout + out.stderr
     assert re.search(r'RuntimeError: rank 1 fails alone at iteration \d', text), failure_lines(text)
     assert 'Root Cause' in text, text[-3000:]  # torchrun's summary; the entry point records the exception for it
