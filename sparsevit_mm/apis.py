@@ -36,7 +36,7 @@ def init_model(config, checkpoint: Optional[str] = None, device: str = 'cpu',
     if isinstance(config, Config) and cfg_options:
         cfg.merge_from_dict(cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    model_cfg = cfg.model.copy()
+    model_cfg = runner_model_config(cfg)
     model_cfg.pop('teacher', None)
     model_cfg.pop('init_cfg', None)  # weights come from `checkpoint`, not from the training initialisation
     model = MODELS.build(model_cfg)
@@ -44,6 +44,15 @@ def init_model(config, checkpoint: Optional[str] = None, device: str = 'cpu',
         load_weights(model, checkpoint)
     model.cfg = cfg
     return model.to(torch.device(device)).eval()
+
+
+def runner_model_config(cfg: Config) -> ConfigDict:
+    """A copy of ``cfg.model`` as mmengine's Runner builds it: a top-level ``data_preprocessor`` (mmpretrain's
+    dataset bases put the normalisation and the class count there) fills in the model's."""
+    model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    return model_cfg
 
 
 def build_model(model_cfg: dict, scope: str = 'mmpretrain') -> nn.Module:

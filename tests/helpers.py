@@ -230,6 +230,29 @@ def run_tool(*args, timeout=900, env=None, fresh=False, check=True):
     return proc
 
 
+def run_tool_peak_memory(*args, timeout=900, env=None):
+    """Run a repo script in a fresh interpreter; return (completed process, its peak resident memory in MiB)."""
+    full_env = {**os.environ, 'PYTHONPATH': str(REPO), **(env or {})}
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=full_env, stdout=out, stderr=err,
+                                   text=True)
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)  # the rusage of this child alone
+        finally:
+            timer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    if proc.returncode != 0:
+        raise AssertionError(f'{args} failed ({proc.returncode}); lines naming the failure:\n'
+                             f'{failure_lines(proc.stdout + proc.stderr)}\n--- output tails ---\n'
+                             f'{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}')
+    return proc, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
 def make_coco(root, num_images: int = 6, size=(96, 128), seed: int = 0):
     """A tiny COCO-format instance set: coloured rectangles ('box') and ellipses ('blob') with polygons.
 
@@ -318,18 +341,29 @@ model = dict(
 """ + tiny_coco_data(data_root, work_dir, max_iters)
 
 
-def tiny_coco_data(data_root, work_dir, max_iters=4) -> str:
-    """The data, evaluator and short schedule part of an mmdet config on :func:`make_coco` data (config text)."""
+def tiny_coco_data(data_root, work_dir, max_iters=4, scale=(128, 96), validate=True) -> str:
+    """The data, evaluator and short schedule part of an mmdet config on :func:`make_coco` data (config text).
+
+    ``scale``: the Resize scale (W, H) of both pipelines. ``validate=False``: training only (no validation at the
+    end, no checkpoint saved).
+    """
+    if not validate:
+        return tiny_coco_data(data_root, work_dir, max_iters, scale) + """
+val_cfg = None
+val_dataloader = None
+val_evaluator = None
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1), checkpoint=None)
+"""
     return f"""
 metainfo = dict(classes=('box', 'blob'))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='Resize', scale={tuple(scale)!r}, keep_ratio=True),
     dict(type='PackDetInputs')]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 96), keep_ratio=True),
+    dict(type='Resize', scale={tuple(scale)!r}, keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
 dataset = dict(type='CocoDataset', data_root={str(data_root)!r}, ann_file='annotations.json', metainfo=metainfo,

@@ -12,10 +12,11 @@ from sparsevit_mm.layers import num_kept
 from sparsevit_mm.models import SimpleFeaturePyramid
 from sparsevit_mm.utils.config import read_config
 
-from .helpers import make_coco, run_tool, vit_detection_config
+from .helpers import REPO, make_coco, run_tool, run_tool_peak_memory, tiny_coco_data, vit_detection_config
 
 DEIT_S_CONFIG = 'configs/dynamicvit/mask-rcnn_dynamicvit-deit-small-r0.7_simple-fpn_1x_coco.py'
 DEIT_B_CONFIG = 'configs/dynamicvit/mask-rcnn_dynamicvit-deit-base-r0.7_simple-fpn_1x_coco.py'
+TRAIN_640_PEAK_MIB = 4096
 
 
 # ------------------------------------------------------------------------------------------------------- the neck
@@ -133,3 +134,18 @@ def test_tools_train_and_test_dynamicvit_mask_rcnn_on_a_tiny_coco(tmp_path):
     out = run_tool('tools/test.py', config, tmp_path / 'work' / 'iter_4.pth')
     text = out.stdout + out.stderr
     assert re.search(r'coco/bbox_mAP: [\d.]+', text) and re.search(r'coco/segm_mAP: [\d.]+', text)
+
+
+@pytest.mark.slow
+def test_tools_train_the_shipped_deit_small_mask_rcnn_at_640_in_bounded_memory(tmp_path):
+    """One iteration of the shipped config (DeiT-S, batch 2) at 640 x 640 (1,601 tokens): the direct keep-policy
+    formula held about 2 GiB of (B, H, N, N) tensors per image here and the run peaked above 6 GiB."""
+    coco = make_coco(tmp_path / 'coco', num_images=2, size=(640, 640))
+    config = tmp_path / 'mask_rcnn_640.py'
+    config.write_text(f"_base_ = [{str(REPO / DEIT_S_CONFIG)!r}]\n"
+                      "model = dict(backbone=dict(init_cfg=None))  # no weights file here\n"
+                      + tiny_coco_data(coco, tmp_path / 'work', max_iters=1, scale=(640, 640), validate=False))
+    out, peak_mib = run_tool_peak_memory('tools/train.py', config)
+    text = out.stdout + out.stderr
+    assert re.search(r'loss_keep_ratio: [\d.]+', text) and 'loss_mask' in text
+    assert peak_mib < TRAIN_640_PEAK_MIB, f'tools/train.py peaked at {peak_mib:.0f} MiB'

@@ -15,7 +15,7 @@ from sparsevit_mm.models import DynamicViT
 from sparsevit_mm.utils import load_weights
 from sparsevit_mm.utils.config import read_config
 
-from .helpers import TINY_ARCH, make_ade, run_tool, vit_segmentation_config
+from .helpers import REPO, TINY_ARCH, make_ade, run_tool, run_tool_peak_memory, vit_segmentation_config
 
 CONFIGS = {
     'segmenter-s': 'configs/dynamicvit/segmenter_dynamicvit-deit-small-r0.7_mask_8xb1-160k_ade20k-512x512.py',
@@ -28,6 +28,7 @@ UPSTREAM = {
     'upernet': 'mmseg::vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py',
     'segmenter': 'mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py',
 }
+TRAIN_640_PEAK_MIB = 4096
 # a narrow 12-block ViT keeps the equivalence checks fast
 NARROW = dict(embed_dims=192, num_layers=12, num_heads=3)
 
@@ -209,3 +210,30 @@ def test_an_image_whose_sides_are_not_multiples_of_16_is_refused_by_name(trainin
 def test_out_indices_past_the_last_block_is_refused():
     with pytest.raises(ValueError, match=r'out_indices.*12 is out of range for 12'):
         DynamicViT(arch=NARROW, img_size=64, out_type='featmap', out_indices=(12, ))
+
+
+@pytest.mark.slow
+def test_tools_train_the_shipped_segmenter_at_640_in_bounded_memory(tmp_path):
+    """One iteration of the shipped Segmenter DeiT-S config at 640 x 640 crops (1,601 tokens), batch 2: the direct
+    keep-policy formula held about 2 GiB of (B, H, N, N) tensors per image here."""
+    ade = make_ade(tmp_path / 'ade', num_images=2, size=640)
+    config = tmp_path / 'segmenter_640.py'
+    config.write_text(f"""
+_base_ = [{str(REPO / CONFIGS['segmenter-s'])!r}]
+model = dict(data_preprocessor=dict(size=(640, 640)), backbone=dict(init_cfg=None))  # no weights file here
+train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
+    _delete_=True, type='BaseSegDataset', img_suffix='.jpg', seg_map_suffix='.png', reduce_zero_label=True,
+    data_root={str(ade)!r}, data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
+    pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', reduce_zero_label=True),
+              dict(type='PackSegInputs')]))
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=1, val_interval=1)
+val_cfg = None
+val_dataloader = None
+val_evaluator = None
+param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False), checkpoint=None)
+work_dir = {str(tmp_path / 'work')!r}
+""")
+    out, peak_mib = run_tool_peak_memory('tools/train.py', config)
+    assert re.search(r'loss_keep_ratio: [\d.]+', out.stdout + out.stderr)
+    assert peak_mib < TRAIN_640_PEAK_MIB, f'tools/train.py peaked at {peak_mib:.0f} MiB'

@@ -3,6 +3,7 @@
 Private to the benchmark scripts here (``import _benchmarking`` from a script in this folder); the installable
 package holds models, not measurement methodology.
 """
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -230,18 +231,31 @@ def count_step_flops(step: Callable[[], object]) -> float:
     return counter.get_total_flops() / 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
 
 
-def add_measurement_arguments(parser, batch_size: int = 32):
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum`` (a count of 0 would divide by zero or time nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{value} is below the smallest allowed value, {minimum}')
+        return value
+    return parse
+
+
+def add_measurement_arguments(parser, batch_size: Optional[int] = 32):
     """The arguments every benchmark script shares: the config and weights, the batch, the device, the rounds."""
     from mmengine.config import DictAction
     parser.add_argument('config')
     parser.add_argument('--checkpoint', help='weights (random init if omitted: speed does not depend on them)')
-    parser.add_argument('--batch-size', type=int, default=batch_size)
+    parser.add_argument('--batch-size', type=at_least(1), default=batch_size)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--fp16', action='store_true', help='autocast to float16 (CUDA)')
-    parser.add_argument('--rounds', type=int, default=5)
-    parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--rounds', type=at_least(1), default=5)
+    parser.add_argument('--iters', type=at_least(1), default=10)
+    parser.add_argument('--warmup', type=at_least(0), default=3)
+    parser.add_argument('--threads', type=at_least(1), default=None, help='torch CPU threads')
     parser.add_argument('--system-allocator', action='store_true',
                         help='CPU: leave glibc malloc as it is (freed activations go back to the system)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -265,3 +279,82 @@ def model_to_measure(args, expected: type, what: str):
     if not isinstance(model, expected):
         raise SystemExit(f'{what}; {args.config} builds {type(model).__name__}')
     return model
+
+
+def _pipeline_steps(cfg, loader: str, pipeline_key: str) -> list:
+    return (cfg.get(loader) or {}).get('dataset', {}).get('pipeline') or cfg.get(pipeline_key) or []
+
+
+def train_size(cfg, framework: Optional[str]) -> Tuple[int, int]:
+    """(H, W) of a training image after the config's train pipeline: mmdet's (largest) Resize scale, (1333, 800) ->
+    800 x 1333; mmseg's crop size (the data preprocessor's ``size``); mmpretrain's RandomResizedCrop scale."""
+    if framework == 'mmseg':
+        size = (cfg.model.get('data_preprocessor') or {}).get('size') or cfg.get('crop_size') or (512, 512)
+        return int(size[0]), int(size[1])
+    steps = _pipeline_steps(cfg, 'train_dataloader', 'train_pipeline')
+    if framework == 'mmdet':
+        scales = []
+        for step in steps:
+            kind = str(step.get('type', '')).split('.')[-1]
+            if kind in ('Resize', 'RandomResize') and step.get('scale'):
+                scales.append(step['scale'])
+            elif kind == 'RandomChoiceResize':
+                scales += list(step.get('scales') or [])
+            elif kind == 'RandomChoice':  # the 3x recipes: a choice of pipelines, each with its resizes
+                for option in step.get('transforms') or []:
+                    scales += [s['scale'] for s in option if s.get('scale') and 'Resize' in str(s.get('type'))]
+        scales = [s for s in scales if isinstance(s, (list, tuple)) and len(s) == 2]
+        if scales:
+            long_side, short_side = max(max(s) for s in scales), max(min(s) for s in scales)
+            return int(short_side), int(long_side)
+        return 800, 1333
+    for step in steps:
+        if str(step.get('type', '')).split('.')[-1] in ('RandomResizedCrop', 'RandomCrop') and step.get('scale'):
+            scale = step['scale']
+            return (int(scale), int(scale)) if isinstance(scale, int) else (int(scale[1]), int(scale[0]))
+    return 224, 224
+
+
+def train_step_data(framework: Optional[str], batch: int, height: int, width: int, num_classes: int,
+                    num_instances: int = 10) -> dict:
+    """A training batch as a dataloader gives it: uint8 (3, H, W) images with ground truth (mmdet: ``num_instances``
+    random boxes with masks per image; mmseg: a random label map; mmpretrain: a class label)."""
+    generator = torch.Generator().manual_seed(0)
+    if framework == 'mmdet':
+        from mmdet.testing import demo_mm_inputs
+        return demo_mm_inputs(batch, [(3, height, width)] * batch, num_items=[num_instances] * batch,
+                              num_classes=num_classes, with_mask=True)
+    images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(batch)]
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width))
+    if framework == 'mmseg':
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        samples = []
+        for _ in images:
+            labels = torch.randint(0, num_classes, (1, height, width), generator=generator)
+            samples.append(SegDataSample(metainfo=dict(meta), gt_sem_seg=PixelData(data=labels)))
+        return dict(inputs=images, data_samples=samples)
+    from mmpretrain.structures import DataSample
+    samples = [DataSample(metainfo=dict(meta)).set_gt_label(int(torch.randint(0, num_classes, (1, ),
+                                                                               generator=generator)))
+               for _ in images]
+    return dict(inputs=images, data_samples=samples)
+
+
+def resident_memory_mib(field: str = 'VmRSS') -> float:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``) in MiB, from /proc."""
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    raise SystemExit(f'/proc/self/status has no {field}: the CPU memory measurement needs Linux')
+
+
+def reset_memory_high_water_mark():
+    """Start this process's ``VmHWM`` afresh from its current resident memory (Linux: ``clear_refs`` 5)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as clear_refs:
+            clear_refs.write('5')
+    except OSError as error:
+        raise SystemExit(f'cannot reset the memory high-water mark ({error}): the CPU memory measurement needs '
+                         'Linux') from None

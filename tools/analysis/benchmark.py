@@ -9,6 +9,18 @@
 
     python tools/analysis/benchmark.py CONFIG --compile --onnxruntime   # also compiled and exported, side by side
 
+    python tools/analysis/benchmark.py CONFIG --train                 # training steps: time and peak memory
+    python tools/analysis/benchmark.py CONFIG --train --backbone-only --shape 800 1344 --batch-size 1
+
+``--train`` times what one training iteration does (``model.train_step``: data preprocessor, forward, losses with
+the keep-ratio loss as tools/train.py adds it, backward, optimizer step) at the config's training size and batch
+size per GPU, dense and sparse side by side with the same weights (the learning rate is set to 0, so the steps do
+not change them), and reports each setting's peak memory: on CUDA ``max_memory_allocated`` above what was allocated
+before the step; on CPU the resident high-water mark above the resident memory before the step, each setting in a
+fresh child process (glibc returning freed blocks of 64 KiB and more to the system, so that the mark is the step's
+own peak and not memory held from before). With ``--backbone-only`` the step is the backbone's forward, a loss on
+its outputs plus the keep-ratio loss, backward and an AdamW step.
+
 For DVT's early exit see ``benchmark_early_exit.py``; for U-ViT's training step ``benchmark_diffusion_training.py``.
 
 ``--compile`` (torch.compile) and ``--onnxruntime`` (the ONNX export in ONNX Runtime, CPU) add backends to the same
@@ -28,10 +40,14 @@ On CPU, freed memory stays in the process (``keep_freed_cpu_memory``; ``--system
 otherwise page-faults every large activation in again on each pass, kernel time that hides the models' difference.
 """
 import argparse
+import json
+import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -43,10 +59,19 @@ from tqdm import tqdm  # noqa: E402
 
 from _benchmarking import (add_measurement_arguments, count_step_flops, dense_prediction_framework,  # noqa: E402
                            describe_device, median, median_interval, prepare_measurement, quartiles,
-                           round_speedups, side_by_side_throughput, synchronize, test_size, test_step_data,
-                           timed_methods, timed_parts)
-from sparsevit_mm.apis import init_model  # noqa: E402
-from sparsevit_mm.deployment import export, export_targets, onnxruntime_session  # noqa: E402
+                           reset_memory_high_water_mark, resident_memory_mib, round_speedups,
+                           side_by_side_throughput, synchronize, test_size, test_step_data, timed_methods,
+                           timed_parts, train_size, train_step_data)
+from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmengine.optim import build_optim_wrapper  # noqa: E402
+from mmengine.registry import MODELS, init_default_scope  # noqa: E402
+from sparsevit_mm.apis import init_model, runner_model_config  # noqa: E402
+from sparsevit_mm.engine import KeepRatioLossHook  # noqa: E402
+from sparsevit_mm.layers import keep_ratio_loss  # noqa: E402
+from sparsevit_mm.models.classifiers.dynamic_vit_classifier import DynamicViTClassifier  # noqa: E402
+from sparsevit_mm.utils.config import load_config  # noqa: E402
+from sparsevit_mm.deployment import as_list, export, export_targets, onnxruntime_session  # noqa: E402
 from sparsevit_mm.models.backbones.base import SparseBackbone  # noqa: E402
 from sparsevit_mm.models.backbones.dynamic_convnext import DynamicConvNeXtBlock  # noqa: E402
 from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock  # noqa: E402
@@ -59,8 +84,10 @@ OTHER_BENCHMARKS = {DVT: 'benchmark_early_exit.py', UViTDiffusion: 'benchmark_di
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Dense vs dynamic throughput, side by side')
-    add_measurement_arguments(parser)
-    parser.add_argument('--shape', type=int, nargs='+', default=[224])
+    add_measurement_arguments(parser, batch_size=None)
+    parser.add_argument('--shape', type=int, nargs='+', default=None,
+                        help='H [W] (default: 224 for a classifier or a backbone, the config\'s test size for a '
+                             'detector / segmentor, its training size with --train)')
     parser.add_argument('--keep-ratios', type=float, nargs='+', default=None,
                         help='settings to compare, first one is the baseline (default: 1.0 and the config\'s)')
     parser.add_argument('--backbone-only', action='store_true')
@@ -80,6 +107,10 @@ def parse_args(argv=None):
     parser.add_argument('--config-detections', action='store_true',
                         help='detection configs: keep the config\'s score threshold (by default it is set to 0 so '
                              'that both settings keep max_per_img boxes per image and their heads do equal work)')
+    parser.add_argument('--train', action='store_true',
+                        help='time training steps (train_step: forward, losses, backward, optimizer step) at the '
+                             'config\'s training size and batch size, and report each setting\'s peak memory')
+    parser.add_argument('--memory-child', type=float, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -97,9 +128,15 @@ def sparse_backbone_of(model) -> SparseBackbone:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.train or args.memory_child is not None:
+        return benchmark_training(args, argv)
+    if args.batch_size is None:
+        args.batch_size = 32
     prepare_measurement(args)
-    height, width = (args.shape * 2)[:2]
+    shape_given = args.shape is not None
+    height, width = ((args.shape or [224]) * 2)[:2]
     model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
     backbone = sparse_backbone_of(model)
     ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
@@ -113,7 +150,7 @@ def main(argv=None):
         if args.breakdown:
             raise SystemExit('--breakdown times a backbone\'s parts: add --backbone-only for a detection / '
                              'segmentation config (the whole-model run reports its parts\' times by itself)')
-        if args.shape == [224]:  # not given: the config's test size
+        if not shape_given:
             height, width = test_size(model.cfg, framework)
         return benchmark_whole_model(model, backbone, framework, ratios, height, width, args)
     whole = not args.backbone_only and isinstance(model, ImageClassifier)
@@ -455,6 +492,193 @@ def time_breakdown(model, backbone, forward, images, ratios, args) -> dict:
             share = f', {(ceiling - 1) / (allowed - 1):.0%} of the FLOPs-allowed gain' if allowed > 1.0001 else ''
             print(f'  keep {ratio:.2f} would run {ceiling:.2f}x faster (FLOPs allow {allowed:.2f}x{share})')
     return rows
+
+
+# ------------------------------------------------------------------------------------------------- training steps
+def without_weight_files(node):
+    """A model config that reads no weight file: every ``init_cfg`` of type ``Pretrained`` and ``pretrained``
+    dropped, and the distillation teacher's checkpoint too (time and memory do not depend on the weights)."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(without_weight_files(item) for item in node)
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        configs = value if isinstance(value, (list, tuple)) else [value]
+        if key == 'init_cfg' and any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in configs):
+            continue
+        if key == 'pretrained' or (key == 'checkpoint' and 'model' not in node and 'config' not in node
+                                   and node.get('type') is None):
+            out[key] = None
+            continue
+        out[key] = without_weight_files(value)
+    return ConfigDict(out)
+
+
+def training_model(args, cfg):
+    """The config's model in training mode with random weights, the keep-ratio loss added to a detector's or
+    segmentor's losses as tools/train.py adds it."""
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    model_cfg = runner_model_config(cfg)
+    if isinstance(model_cfg.get('teacher'), dict):
+        model_cfg.teacher = dict(model_cfg.teacher, checkpoint=None)
+    model = MODELS.build(without_weight_files(model_cfg))
+    model.init_weights()
+    model.to(torch.device(args.device)).train()
+    if not args.backbone_only and not isinstance(model, DynamicViTClassifier):  # that one adds the loss itself
+        KeepRatioLossHook().before_train(SimpleNamespace(model=model))
+    return model
+
+
+def backbone_training_step(args, backbone, shape) -> Callable[[], None]:
+    """The backbone's forward on random images, a loss on its outputs plus its keep-ratio loss, backward and an
+    AdamW step (learning rate 0)."""
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=0.0)
+    images = torch.randn(args.batch_size, 3, *shape, device=args.device)
+
+    def step():
+        with torch.autocast('cuda', torch.float16, enabled=args.fp16):
+            loss = sum(out.float().pow(2).mean() for out in as_list(backbone(images)))
+            decisions = backbone.pop_keep_decisions()
+            if decisions:
+                loss = loss + backbone.default_keep_ratio_weight * keep_ratio_loss(
+                    decisions, backbone.stage_ratios[:len(decisions)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def num_classes_of(model, framework: Optional[str]) -> int:
+    if framework == 'mmdet':
+        head = model.roi_head.bbox_head if getattr(model, 'roi_head', None) is not None else model.bbox_head
+        return head.num_classes
+    return (model.decode_head if framework == 'mmseg' else model.head).num_classes
+
+
+def model_training_step(args, cfg, model, framework, shape) -> Callable[[], None]:
+    """``model.train_step`` on a synthetic batch at ``shape`` through the config's optimizer wrapper (``OptimWrapper``,
+    or ``AmpOptimWrapper`` with ``--fp16``), learning rate 0."""
+    wrapper_cfg = cfg.optim_wrapper.copy()
+    for key in ('loss_scale', 'dtype'):
+        wrapper_cfg.pop(key, None)
+    wrapper_cfg.type = 'AmpOptimWrapper' if args.fp16 else 'OptimWrapper'
+    optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
+    for group in optim_wrapper.optimizer.param_groups:
+        group['lr'] = 0.0
+    data = train_step_data(framework, args.batch_size, *shape, num_classes_of(model, framework))
+
+    def step():
+        model.train_step(data, optim_wrapper)
+    return step
+
+
+def training_step_memory(args, backbone, step, ratio) -> dict:
+    """MiB of one training step at ``ratio`` after a warm-up step: ``peak`` above what the process held before the
+    step (``before``), CUDA allocator or resident memory (see the module docstring)."""
+    backbone.keep_ratio = ratio
+    step()
+    if args.device.startswith('cuda'):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2 ** 20
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return dict(before=before, peak=torch.cuda.max_memory_allocated() / 2 ** 20 - before)
+    before = resident_memory_mib()
+    reset_memory_high_water_mark()
+    step()
+    return dict(before=before, peak=resident_memory_mib('VmHWM') - before)
+
+
+# glibc: every block of 64 KiB or more is mapped on its own and handed back when freed, and freed heap memory is
+# trimmed, so the resident high-water mark of a step is that step's own peak
+MEMORY_CHILD_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536', MALLOC_TOP_PAD_='0')
+
+
+def memory_in_fresh_child(argv, ratio) -> dict:
+    """:func:`training_step_memory` at ``ratio`` in a fresh interpreter running this script."""
+    command = [sys.executable, os.path.abspath(__file__), *argv, '--memory-child', str(ratio)]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MEMORY_CHILD_ENV})
+    if proc.returncode != 0:
+        raise SystemExit(f'the memory measurement at keep ratio {ratio} failed ({proc.returncode}):\n'
+                         f'{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def benchmark_training(args, argv) -> dict:
+    """Training steps of the dense and the sparse setting, same weights, interleaved rounds: seconds per step,
+    its ratio to the dense step's (median of per-round ratios, quartiles), and peak memory per setting."""
+    if args.checkpoint:
+        raise SystemExit('--train times random weights (time and memory do not depend on them): drop --checkpoint')
+    if args.compile or args.onnxruntime or args.breakdown:
+        raise SystemExit('--train times eager training steps; --compile, --onnxruntime and --breakdown are for '
+                         'inference')
+    cfg = load_config(args.config, args.cfg_options)
+    if args.memory_child is None:
+        prepare_measurement(args)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # not mmengine's tables of every parameter's initialisation and lr options
+    try:
+        model = training_model(args, cfg)
+        backbone = sparse_backbone_of(model)
+        framework = dense_prediction_framework(model)
+        if args.batch_size is None:  # the config's batch size per GPU
+            args.batch_size = int((cfg.get('train_dataloader') or {}).get('batch_size') or 1)
+        shape = tuple((args.shape * 2)[:2]) if args.shape else train_size(cfg, framework)
+        if args.backbone_only:  # the backbone sees the batch padded as the data preprocessor pads it
+            divisor = int((cfg.model.get('data_preprocessor') or {}).get('pad_size_divisor') or 1)
+            shape = tuple(-(-side // divisor) * divisor for side in shape)
+        step = backbone_training_step(args, backbone, shape) if args.backbone_only else \
+            model_training_step(args, cfg, model, framework, shape)
+    finally:
+        logger.setLevel(level)
+    if args.memory_child is not None:
+        print(json.dumps(training_step_memory(args, backbone, step, args.memory_child)))
+        return None
+    ratios = args.keep_ratios or sorted({1.0, float(backbone.keep_ratio)}, reverse=True)
+    counter = torch.zeros(args.batch_size, device=args.device)
+
+    def setting(ratio):
+        def prepare():
+            backbone.keep_ratio = ratio
+            return lambda _: step()
+        return prepare
+
+    settings = {ratio: setting(ratio) for ratio in ratios}
+    results = side_by_side_throughput(settings, counter, args.rounds, args.iters, args.warmup, grad=True)
+    if args.device.startswith('cuda'):
+        memory = {ratio: training_step_memory(args, backbone, step, ratio) for ratio in ratios}
+        where = 'CUDA max_memory_allocated above the memory allocated before the step'
+    else:
+        memory = {ratio: memory_in_fresh_child(argv, ratio) for ratio in ratios}
+        where = ('resident high-water mark above the resident memory before the step, a fresh process per '
+                 'setting')
+    what = f'{type(backbone).__name__}' if args.backbone_only else \
+        f'{type(model).__name__} with {type(backbone).__name__}'
+    step_name = 'backbone forward, loss, backward, AdamW step' if args.backbone_only else 'train_step'
+    height, width = shape
+    print(f'{what} ({step_name}), batch {args.batch_size}, {height}x{width}, {describe_device(args)}'
+          f'{", fp16" if args.fp16 else ""}, {args.rounds} interleaved rounds of {args.iters} steps '
+          f'(learning rate 0: every step sees the same weights)')
+    speedups = round_speedups(results, ratios[0])
+    print(f'{"keep ratio":>10} | {"s / step":>8} | {"time vs dense":>13} | {"quartiles":>13} | '
+          f'{"peak MiB":>9} | {"vs dense":>8} | {"MiB before":>10}')
+    table = {}
+    for ratio in ratios:
+        seconds = args.batch_size / median(results[ratio])
+        low, middle, high = quartiles([1 / s for s in speedups[ratio]])
+        peak = memory[ratio]['peak']
+        table[ratio] = dict(seconds_per_step=seconds, time_ratio=middle, time_ratio_quartiles=(low, high),
+                            peak_mib=peak, peak_ratio=peak / memory[ratios[0]]['peak'],
+                            before_mib=memory[ratio]['before'])
+        print(f'{ratio:>10.3f} | {seconds:>8.2f} | {middle:>12.2f}x | {low:>5.2f}-{high:<5.2f}x | {peak:>9.0f} | '
+              f'{table[ratio]["peak_ratio"]:>7.2f}x | {memory[ratio]["before"]:>10.0f}')
+    print(f'(peak: {where}; before: the model, its optimizer state and the batch)')
+    return table
 
 
 if __name__ == '__main__':
