@@ -648,8 +648,8 @@ def benchmark_training(args, argv) -> dict:
             return lambda _: step()
         return prepare
 
-    settings = {ratio: setting(ratio) for ratio in ratios}
-    results = side_by_side_throughput(settings, counter, args.rounds, args.iters, args.warmup, grad=True)
+    # memory first: on CPU this process keeps the memory its timed steps freed (keep_freed_cpu_memory), and a child
+    # measuring beside it would need as much again
     if args.device.startswith('cuda'):
         memory = {ratio: training_step_memory(args, backbone, step, ratio) for ratio in ratios}
         where = 'CUDA max_memory_allocated above the memory allocated before the step'
@@ -657,6 +657,8 @@ def benchmark_training(args, argv) -> dict:
         memory = {ratio: memory_in_fresh_child(argv, ratio) for ratio in ratios}
         where = ('resident high-water mark above the resident memory before the step, a fresh process per '
                  'setting')
+    settings = {ratio: setting(ratio) for ratio in ratios}
+    results = side_by_side_throughput(settings, counter, args.rounds, args.iters, args.warmup, grad=True)
     what = f'{type(backbone).__name__}' if args.backbone_only else \
         f'{type(model).__name__} with {type(backbone).__name__}'
     step_name = 'backbone forward, loss, backward, AdamW step' if args.backbone_only else 'train_step'
