@@ -16,7 +16,7 @@ from .helpers import REPO, make_coco, run_tool, run_tool_peak_memory, tiny_coco_
 
 DEIT_S_CONFIG = 'configs/dynamicvit/mask-rcnn_dynamicvit-deit-small-r0.7_simple-fpn_1x_coco.py'
 DEIT_B_CONFIG = 'configs/dynamicvit/mask-rcnn_dynamicvit-deit-base-r0.7_simple-fpn_1x_coco.py'
-TRAIN_640_PEAK_MIB = 4096
+TRAIN_640_PEAK_MIB = 4864  # measured: 3,430 MiB; 6,198 with the direct formula
 
 
 # ------------------------------------------------------------------------------------------------------- the neck
@@ -139,7 +139,7 @@ def test_tools_train_and_test_dynamicvit_mask_rcnn_on_a_tiny_coco(tmp_path):
 @pytest.mark.slow
 def test_tools_train_the_shipped_deit_small_mask_rcnn_at_640_in_bounded_memory(tmp_path):
     """One iteration of the shipped config (DeiT-S, batch 2) at 640 x 640 (1,601 tokens): the direct keep-policy
-    formula held about 2 GiB of (B, H, N, N) tensors per image here and the run peaked above 6 GiB."""
+    formula held about 1.4 GiB of (B, H, N, N) tensors per image here (the run peaked at 6.2 GiB, 3.4 now)."""
     coco = make_coco(tmp_path / 'coco', num_images=2, size=(640, 640))
     config = tmp_path / 'mask_rcnn_640.py'
     config.write_text(f"_base_ = [{str(REPO / DEIT_S_CONFIG)!r}]\n"

@@ -28,7 +28,7 @@ UPSTREAM = {
     'upernet': 'mmseg::vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py',
     'segmenter': 'mmseg::segmenter/segmenter_vit-s_mask_8xb1-160k_ade20k-512x512.py',
 }
-TRAIN_640_PEAK_MIB = 4096
+TRAIN_640_PEAK_MIB = 5888  # measured: 4,476 MiB; 7,729 with the direct formula
 # a narrow 12-block ViT keeps the equivalence checks fast
 NARROW = dict(embed_dims=192, num_layers=12, num_heads=3)
 
@@ -215,7 +215,7 @@ def test_out_indices_past_the_last_block_is_refused():
 @pytest.mark.slow
 def test_tools_train_the_shipped_segmenter_at_640_in_bounded_memory(tmp_path):
     """One iteration of the shipped Segmenter DeiT-S config at 640 x 640 crops (1,601 tokens), batch 2: the direct
-    keep-policy formula held about 2 GiB of (B, H, N, N) tensors per image here."""
+    keep-policy formula held about 1.6 GiB of (B, H, N, N) tensors per image here (the run peaked at 7.7 GiB, 4.5 now)."""
     ade = make_ade(tmp_path / 'ade', num_images=2, size=640)
     config = tmp_path / 'segmenter_640.py'
     config.write_text(f"""
