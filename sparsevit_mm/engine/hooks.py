@@ -84,6 +84,9 @@ class KeepRatioLossHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, weight: Optional[float] = None):
+        if weight is not None and not weight >= 0:
+            raise ValueError(f'KeepRatioLossHook weight must be >= 0 (a negative weight rewards missing the budget; '
+                             f'0 trains without the keep-ratio loss), got {weight}')
         self.weight = weight
 
     def before_train(self, runner):
@@ -101,6 +104,8 @@ class KeepRatioLossHook(Hook):
             losses = original_loss(*args, **kwargs)
             decisions = backbone.pop_keep_decisions()
             if decisions:
+                if 'loss' in losses:  # mmpretrain's heads: mmengine would log that key in place of the total
+                    losses['loss_cls'] = losses.pop('loss')
                 losses.update(keep_ratio_terms(decisions, backbone.stage_ratios, weight))
             return losses
 

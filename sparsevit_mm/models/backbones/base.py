@@ -97,12 +97,26 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
         return SlowFastRouting.from_indices(slow, fast, tokens.shape[1])
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """(B, 3, H, W) -> tuple with one output per ``out_indices``."""
+        """(B, 3, H, W) -> tuple with one output per ``out_indices``.
+
+        In training the keep decisions wait in ``pending_keep_decisions`` for the keep-ratio loss; a training
+        forward pass while the previous pass's decisions are still waiting means that nothing turns them into that
+        loss, and the model would learn to keep every token: that is an error, which names the fix.
+        """
+        if self.training and self.pending_keep_decisions is not None:
+            self.pending_keep_decisions = None  # one error, not one per retry
+            raise RuntimeError(
+                f'{type(self).__name__}: the keep decisions of the previous training step were never turned into the '
+                'keep-ratio loss, so the model would train without its budget. Add '
+                "custom_hooks = [dict(type='KeepRatioLossHook')] to the config (sparsevit-mm's tools/train.py adds it "
+                "by itself); dict(type='KeepRatioLossHook', weight=0.0) trains without the loss on purpose. A custom "
+                'training loop calls backbone.pop_keep_decisions() after each forward pass.')
         result = self.forward_sparse(images)
         self.pending_keep_decisions = result.keep_decisions if self.training and result.keep_decisions else None
         return result.outs
 
     def pop_keep_decisions(self) -> Optional[List[torch.Tensor]]:
+        """The keep decisions of the last training forward pass (per stage, (B, N)), handed over once."""
         decisions, self.pending_keep_decisions = self.pending_keep_decisions, None
         return decisions
 
