@@ -64,3 +64,21 @@ def test_weight_zero_trains_without_the_loss_on_purpose(tmp_path):
 def test_a_negative_weight_is_refused():
     with pytest.raises(ValueError, match='weight must be >= 0.*got -1.0'):
         KeepRatioLossHook(weight=-1.0)
+
+
+def test_only_a_learning_forward_leaves_decisions_that_must_be_consumed():
+    import torch
+    from sparsevit_mm.models import DynamicViT
+    from .helpers import TINY_ARCH
+    backbone = DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, prune_layers=[1, 2, 3]).train()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # no learning, nothing to consume (e.g. statistics gathered in training mode)
+        backbone(images)
+        backbone(images)
+    backbone(images)
+    assert len(backbone.pop_keep_decisions()) == 3  # consumed: the next step runs
+    backbone(images)
+    with pytest.raises(RuntimeError, match='KeepRatioLossHook'):
+        backbone(images)
+    backbone(images)  # reported once; a retry starts afresh
+    backbone.eval()(images)  # inference never checks

@@ -99,11 +99,13 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> tuple with one output per ``out_indices``.
 
-        In training the keep decisions wait in ``pending_keep_decisions`` for the keep-ratio loss; a training
-        forward pass while the previous pass's decisions are still waiting means that nothing turns them into that
-        loss, and the model would learn to keep every token: that is an error, which names the fix.
+        In training (with autograd on) the keep decisions wait in ``pending_keep_decisions`` for the keep-ratio
+        loss; a training forward pass while the previous pass's decisions are still waiting means that nothing
+        turns them into that loss, and the model would learn to keep every token: that is an error, which names the
+        fix.
         """
-        if self.training and self.pending_keep_decisions is not None:
+        learning = self.training and torch.is_grad_enabled()
+        if learning and self.pending_keep_decisions is not None:
             self.pending_keep_decisions = None  # one error, not one per retry
             raise RuntimeError(
                 f'{type(self).__name__}: the keep decisions of the previous training step were never turned into the '
@@ -112,7 +114,7 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
                 "by itself); dict(type='KeepRatioLossHook', weight=0.0) trains without the loss on purpose. A custom "
                 'training loop calls backbone.pop_keep_decisions() after each forward pass.')
         result = self.forward_sparse(images)
-        self.pending_keep_decisions = result.keep_decisions if self.training and result.keep_decisions else None
+        self.pending_keep_decisions = result.keep_decisions if learning and result.keep_decisions else None
         return result.outs
 
     def pop_keep_decisions(self) -> Optional[List[torch.Tensor]]:
