@@ -2,13 +2,15 @@
 in an upstream config, training without KeepRatioLossHook is an error that names the fix; with the hook the loss is
 logged, and the logged ``loss`` is the total that is optimised."""
 import pytest
+import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
 from sparsevit_mm.engine import KeepRatioLossHook
+from sparsevit_mm.models import DynamicViT
 
-from .helpers import (make_ade, make_coco, make_imagenet_folder, tiny_classifier_config, vit_detection_config,
-                      vit_segmentation_config)
+from .helpers import (TINY_ARCH, make_ade, make_coco, make_imagenet_folder, tiny_classifier_config,
+                      vit_detection_config, vit_segmentation_config)
 
 
 def runner_config(kind, tmp_path, hooks=None) -> Config:
@@ -67,9 +69,6 @@ def test_a_negative_weight_is_refused():
 
 
 def test_only_a_learning_forward_leaves_decisions_that_must_be_consumed():
-    import torch
-    from sparsevit_mm.models import DynamicViT
-    from .helpers import TINY_ARCH
     backbone = DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, prune_layers=[1, 2, 3]).train()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # no learning, nothing to consume (e.g. statistics gathered in training mode)
