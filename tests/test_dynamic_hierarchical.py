@@ -4,9 +4,11 @@ import torch
 from mmdet.models.backbones import SwinTransformer
 from mmpretrain.models.backbones import ConvNeXt
 
+from sparsevit_mm.layers import default_prune_layers
 from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
-from sparsevit_mm.models.backbones.dynamic_convnext import DynamicConvNeXtBlock, convnext_to_backbone
-from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock, swin_to_backbone
+from sparsevit_mm.models.backbones.dynamic_convnext import (DynamicConvNeXtBlock, convnext_to_backbone,
+                                                            infer_convnext_kwargs)
+from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock, infer_swin_kwargs, swin_to_backbone
 from sparsevit_mm.utils import CheckpointMismatchError
 
 from .reference.official_hierarchical import (official_convnext_forward, official_swin_forward,
@@ -266,3 +268,22 @@ def test_upstream_arguments_are_taken_or_refused_clearly():
         DynamicConvNeXt(linear_pw_conv=False)
     with pytest.raises(ValueError, match="norm_cfg must be dict\\(type='LN2d'"):
         DynamicConvNeXt(norm_cfg=dict(type='BN'))
+
+
+def test_predictor_positions_of_a_width_outside_the_table_follow_one_rule():
+    """A dense checkpoint of an unlisted Swin / ConvNeXt width gets the predictors a config would give it: the
+    official spacing by depth (6 -> 1, 2, 3; 18 -> 2, 4, 6; 27 -> 3, 6, 9), not another rule."""
+    depths = [2, 2, 18, 2]
+    swin = {'patch_embed.proj.weight': torch.zeros(40, 3, 4, 4)}
+    for stage, depth in enumerate(depths):
+        for block in range(depth):
+            swin[f'layers.{stage}.blocks.{block}.attn.relative_position_bias_table'] = torch.zeros(169, 2 ** stage)
+    kwargs = infer_swin_kwargs(swin)
+    assert kwargs['arch']['embed_dims'] == 40
+    built = DynamicSwinTransformer(**kwargs)
+    assert built.prune_layers == default_prune_layers(18) == [2, 4, 6]
+    assert built.prune_layers == DynamicSwinTransformer(arch=kwargs['arch']).prune_layers
+    convnext = {f'stages.{stage}.{block}.gamma': torch.zeros(24 * 2 ** stage)
+                for stage, depth in enumerate([3, 3, 27, 3]) for block in range(depth)}
+    built = DynamicConvNeXt(**infer_convnext_kwargs(convnext))
+    assert built.prune_layers == default_prune_layers(27) == [3, 6, 9]

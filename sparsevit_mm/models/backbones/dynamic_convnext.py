@@ -278,8 +278,5 @@ def infer_convnext_kwargs(state_dict: StateDict) -> dict:
     channels = [state_dict[f'stages.{i}.0.gamma'].shape[0] for i in range(4)]
     arch = dict(depths=depths, channels=channels)
     name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicConvNeXt.arch_zoo.items()}, arch)
-    kwargs = dict(arch=name or arch)
-    if name is None:
-        stride = max(1, depths[2] // 9)
-        kwargs['prune_layers'] = [stride * (s + 1) for s in range(3)]
-    return kwargs
+    # a width outside the table gets the predictor positions of default_prune_layers, the one rule, in the model
+    return dict(arch=name or arch)
