@@ -278,5 +278,7 @@ def infer_convnext_kwargs(state_dict: StateDict) -> dict:
     channels = [state_dict[f'stages.{i}.0.gamma'].shape[0] for i in range(4)]
     arch = dict(depths=depths, channels=channels)
     name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicConvNeXt.arch_zoo.items()}, arch)
-    # a width outside the table gets the predictor positions of default_prune_layers, the one rule, in the model
-    return dict(arch=name or arch)
+    kwargs = dict(arch=name or arch)
+    if name is None:  # what the model itself would choose: the one rule
+        kwargs['prune_layers'] = default_prune_layers(depths[2])
+    return kwargs

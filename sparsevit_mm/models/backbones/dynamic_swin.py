@@ -358,8 +358,8 @@ def infer_swin_kwargs(state_dict: StateDict) -> dict:
     name = _zoo_name({k: {f: v[f] for f in arch} for k, v in DynamicSwinTransformer.arch_zoo.items()}, arch)
     fast = sorted(int(k.split('.')[3]) for k in state_dict if re.match(r'^layers\.2\.blocks\.\d+\.fastmlp\.', k))
     kwargs = dict(arch=name or arch, window_size=window, patch_size=state_dict['patch_embed.proj.weight'].shape[-1])
-    if name is None and fast:
-        # the fast paths start at the first predictor; the official layouts space the three evenly. Without fast
-        # paths (a dense Swin) the model's own default_prune_layers applies, the one rule.
-        kwargs['prune_layers'] = [fast[0] * (s + 1) for s in range(3)]
+    if name is None:
+        # the fast paths start at the first predictor and the official layouts space the three evenly; a dense
+        # Swin gets what the model itself would choose (the one rule)
+        kwargs['prune_layers'] = [fast[0] * (s + 1) for s in range(3)] if fast else default_prune_layers(depths[2])
     return kwargs
