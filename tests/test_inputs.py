@@ -223,3 +223,34 @@ def test_dist_scripts_name_their_arguments():
         proc = subprocess.run(['bash', str(REPO / 'tools' / script), 'only_a_config.py'], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and f'usage: bash tools/{script} {usage}' in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------- values once accepted silently
+@pytest.mark.parametrize('build, message', [
+    (lambda: DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, keep_ratio=True), 'keep_ratio must be a number, '
+                                                                                      'got True'),
+    (lambda: DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, keep_ratio=[0.7, True, 0.3]),
+     'each keep ratio must be a number, got True'),
+    (lambda: DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, prune_layers=[1.5, 2, 3]),
+     r'prune_layers \[1.5, 2, 3\]: \[1.5\] are not block indices'),
+    (lambda: DynamicViT(arch=dict(TINY_ARCH, num_layer=4), img_size=32, patch_size=8),
+     r"unknown keys \['num_layer'\]; allowed: \['embed_dims', 'num_layers', 'num_heads', 'mlp_ratio'"),
+    (lambda: DynamicSwinTransformer(arch=dict(TINY_SWIN, window=7)), r"unknown keys \['window'\]"),
+    (lambda: DynamicConvNeXt(arch=dict(TINY_CONVNEXT, dims=[1])), r"unknown keys \['dims'\]"),
+    (lambda: UViTDiffusion(network=dict(type='UViT', arch=dict(TINY_UVIT, heads=2))), r"unknown keys \['heads'\]"),
+    (lambda: _tiny_dvt(thresholds=[float('nan'), 0.5, 0.0]), r'DVT thresholds must be numbers.*got \[nan\]'),
+    (lambda: DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, out_indices=(3, -1)),
+     r'out_indices \[3, -1\] name layer / stage \[3\] more than once'),
+    (lambda: DynamicSwinTransformer(arch=TINY_SWIN, out_indices=(1.0, 2)), r'1.0 is not an integer'),
+])
+def test_values_once_accepted_silently_are_refused_by_name(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_negative_loss_weights_are_refused():
+    from sparsevit_mm.models.classifiers.dynamic_vit_classifier import DynamicViTClassifier
+    backbone = dict(type='DynamicViT', arch=TINY_ARCH, img_size=32, patch_size=8)
+    head = dict(type='VisionTransformerClsHead', num_classes=2, in_channels=64)
+    with pytest.raises(ValueError, match=r"loss weights must be >= 0.*'keep_ratio_weight': -2.0"):
+        DynamicViTClassifier(backbone=backbone, head=head, keep_ratio_weight=-2.0)

@@ -24,7 +24,7 @@ def test_pyramid_shapes_and_strides_from_one_stride16_map():
     neck = SimpleFeaturePyramid(in_channels=384, out_channels=256, num_outs=5)
     neck.init_weights()
     feature = torch.randn(2, 384, 32, 48)  # a 512x768 image at stride 16
-    outs = neck((torch.randn(2, 384, 4, 4), feature))  # only the last map is used
+    outs = neck((feature, ))
     assert len(outs) == 5
     image_height, image_width = 32 * 16, 48 * 16
     for out, stride in zip(outs, (4, 8, 16, 32, 64)):
@@ -53,7 +53,9 @@ def test_pyramid_options_and_registration():
 
 
 @pytest.mark.parametrize('kwargs,inputs,message', [
-    (dict(), (), 'empty tuple'),
+    (dict(), (), 'from one .* map, got a tuple of 0'),
+    (dict(), (torch.randn(1, 384, 4, 4), torch.randn(1, 384, 4, 4)), r'got a tuple of 2: set the backbone\'s '
+                                                                      r'out_indices'),
     (dict(), (torch.randn(1, 192, 4, 4),), r'\(B, 384, H, W\)'),
     (dict(scale_factors=(4.0, 3.0)), None, r'unknown scale factors \[3\.0\].*allowed: \(4\.0, 2\.0, 1\.0, 0\.5\)'),
     (dict(scale_factors=()), None, 'non-empty'),

@@ -3,6 +3,7 @@
 Shapes: B batch, N tokens, K selected tokens, C channels. Indices are always ``(B, K)`` long tensors
 that index dimension 1 of a ``(B, N, C)`` token tensor.
 """
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -84,9 +85,16 @@ def keep_ratio_terms(decisions: Sequence[torch.Tensor], targets: Sequence[float]
     return terms
 
 
+def _real(value, name: str) -> float:
+    """``value`` as a float if it is a real number (not a bool, which would silently read as 0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f'{name} must be a number, got {value!r}')
+    return float(value)
+
+
 def check_keep_ratios(ratios: Sequence[float], decreasing: bool = True) -> List[float]:
-    """Validate per-stage keep ratios: each in (0, 1] and (optionally) non-increasing."""
-    ratios = [float(r) for r in ratios]
+    """Validate per-stage keep ratios: each a number in (0, 1] and (optionally) non-increasing."""
+    ratios = [_real(r, 'each keep ratio') for r in ratios]
     for r in ratios:
         if not 0.0 < r <= 1.0:
             raise ValueError(f'keep ratios must lie in (0, 1], got {r} in {ratios}')
@@ -108,7 +116,7 @@ def stage_keep_ratios(keep_ratio: Union[float, Sequence[float]], num_stages: int
             raise ValueError(f'keep_ratio has {len(keep_ratio)} values but there are {num_stages} pruning '
                              f'stages; give one float or {num_stages} values')
         return check_keep_ratios(keep_ratio)
-    r = float(keep_ratio)
+    r = _real(keep_ratio, 'keep_ratio')
     if not 0.0 < r <= 1.0:
         raise ValueError(f'keep_ratio must lie in (0, 1], got {keep_ratio}')
     if schedule == 'geometric':
@@ -135,7 +143,11 @@ def default_prune_layers(depth: int, num_stages: int = 3) -> List[int]:
 
 def check_prune_layers(prune_layers: Sequence[int], depth: int, name: str = 'prune_layers') -> List[int]:
     """Validate block indices that get a score predictor (it runs before that block): in [0, depth), increasing."""
-    layers = [int(i) for i in prune_layers]
+    layers = list(prune_layers)
+    not_int = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if not_int:
+        raise ValueError(f'{name} {layers}: {not_int} are not block indices (integers)')
+    layers = [int(i) for i in layers]
     if not layers:
         raise ValueError(f'{name} must name at least one block, got {list(prune_layers)}')
     bad = [i for i in layers if not 0 <= i < depth]

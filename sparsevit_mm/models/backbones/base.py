@@ -8,6 +8,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers import SlowFastRouting, num_kept, sample_keep_decision, split_by_score, stage_keep_ratios
+from ...utils.arch import resolve_arch
 from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, load_weights
 
 
@@ -53,6 +54,7 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
     mis-shaped keys.
     """
     arch_zoo: Dict[str, dict] = {}
+    arch_options: Tuple[str, ...] = ('prune_layers', )  # keys a custom arch dict may have beside the required ones
     optional_checkpoint_groups: Tuple[str, ...] = ()
     default_keep_ratio_weight: float = 2.0
     # how a base keep ratio r becomes per-stage ratios: 'geometric' (r, r^2, r^3: DynamicViT, cumulative) or
@@ -136,28 +138,26 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
 
     @classmethod
     def resolve_arch(cls, arch: Union[str, dict], required: Sequence[str]) -> dict:
-        if isinstance(arch, str):
-            key = arch.lower()
-            if key not in cls.arch_zoo:
-                raise ValueError(f'unknown arch {arch!r} for {cls.__name__}; choose one of {sorted(cls.arch_zoo)} '
-                                 f'or give a dict with the keys {list(required)}')
-            return dict(cls.arch_zoo[key])
-        if not isinstance(arch, dict):
-            raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
-        missing = [k for k in required if k not in arch]
-        if missing:
-            raise ValueError(f'custom arch {arch} lacks the keys {missing} (required: {list(required)})')
-        return dict(arch)
+        """``arch`` (a name in ``arch_zoo`` or a dict with ``required`` and any of ``arch_options``) -> settings."""
+        return resolve_arch(cls.__name__, arch, cls.arch_zoo, required, cls.arch_options)
 
     @staticmethod
     def resolve_out_indices(out_indices: Union[int, Sequence[int]], num: int) -> List[int]:
+        """``out_indices`` (an int or a sequence of ints, negatives counting from the end) -> sorted indices in
+        [0, num); out-of-range, non-integer and repeated entries are refused (one output per index)."""
         indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
         resolved = []
         for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ValueError(f'out_indices {indices}: {index!r} is not an integer layer / stage index')
             if not -num <= index < num:
                 raise ValueError(f'out_indices {indices}: {index} is out of range for {num} layers/stages')
             resolved.append(index % num)
-        return sorted(set(resolved))
+        repeated = sorted({i for i in resolved if resolved.count(i) > 1})
+        if repeated:
+            raise ValueError(f'out_indices {indices} name layer / stage {repeated} more than once (negative indices '
+                             f'count from the end of {num}); give each once')
+        return sorted(resolved)
 
     # ------------------------------------------------------------------------------------------- weights
     def _pretrained_cfg(self) -> Optional[dict]:

@@ -115,6 +115,7 @@ class DynamicViT(SparseBackbone):
                         residual_scale=2.0),
     }
     arch_defaults = dict(mlp_ratio=4.0, qkv_bias=True, stem='patch', residual_scale=1.0)
+    arch_options = (*arch_defaults, 'prune_layers')
     OUT_TYPES = ('cls_token', 'raw', 'featmap', 'avg_featmap')
     num_extra_tokens = 1
 

@@ -19,6 +19,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 
 from ...layers import init_vit_weights
+from ...utils.arch import resolve_arch
 from ...utils.checkpoint import CheckpointLayoutMixin, CheckpointMismatchError, StateDict, load_weights
 
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
@@ -111,13 +112,8 @@ class UViT(CheckpointLayoutMixin, BaseModule):
                  mlp_time_embed: bool = False, use_checkpoint: bool = False, attention: str = 'sdpa',
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise ValueError(f'unknown arch {arch!r} for UViT; choose one of {sorted(self.arch_zoo)} or a dict')
-            arch = self.arch_zoo[arch]
-        missing = [k for k in ('embed_dims', 'depth', 'num_heads') if k not in arch]
-        if missing:
-            raise ValueError(f'custom UViT arch {arch} lacks {missing}')
+        arch = resolve_arch('UViT', arch, self.arch_zoo, required=('embed_dims', 'depth', 'num_heads'),
+                            optional=('conv', ))
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not a multiple of the patch size {patch_size}')
         dims = self.embed_dims = arch['embed_dims']

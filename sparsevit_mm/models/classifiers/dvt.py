@@ -9,6 +9,7 @@ the model), or from a FLOPs budget and a fitted threshold table (``tools/analysi
 Official DVT checkpoints are converted to its layout by the functions at the end of this file
 (:func:`official_dvt_to_ours`, :func:`infer_dvt_arch`).
 """
+import math
 import numbers
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -19,6 +20,7 @@ from mmpretrain.models.classifiers.base import BaseClassifier
 from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 from mmpretrain.structures import DataSample
 
+from ...utils.arch import resolve_arch
 from ...utils.checkpoint import CheckpointLayoutMixin, CheckpointMismatchError, StateDict
 from ...utils.flops import count_flops
 from ..backbones.dvt_exit import DVTExit, ExitState
@@ -167,14 +169,8 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
         data_preprocessor.setdefault('batch_augments', train_cfg)
         super().__init__(init_cfg=init_cfg, data_preprocessor=PRETRAIN_MODELS.build(data_preprocessor))
         self.arch_name = arch if isinstance(arch, str) else 'custom'
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise ValueError(f'unknown arch {arch!r} for DVT; choose one of {sorted(self.arch_zoo)} or a dict')
-            arch = self.arch_zoo[arch]
-        required = ('embed_dims', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'tokenizer')
-        if any(k not in arch for k in required):
-            raise ValueError(f'custom DVT arch {arch} needs the keys {required}')
-        self.arch = dict(arch)
+        self.arch = resolve_arch('DVT', arch, self.arch_zoo,
+                                 required=('embed_dims', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'tokenizer'))
         self.exits = nn.ModuleList(
             DVTExit(grid, drop_path_rate=drop_path_rate, feature_reuse=feature_reuse and k > 0,
                     relation_reuse=relation_reuse and k > 0, **self.arch)
@@ -210,6 +206,11 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
 
     # ------------------------------------------------------------------------------------------ thresholds
     def set_thresholds(self, thresholds: Sequence[float]):
+        thresholds = list(thresholds)
+        bad = [t for t in thresholds if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t)]
+        if bad:
+            raise ValueError(f'DVT thresholds must be numbers (confidences; {NO_EXIT:g} means never exit there), '
+                             f'got {bad} in {thresholds}')
         thresholds = [float(t) for t in thresholds]
         if len(thresholds) != len(self.grids):
             raise ValueError(f'DVT needs {len(self.grids)} thresholds (one per exit; the last one only closes the '

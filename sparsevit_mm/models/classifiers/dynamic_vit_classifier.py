@@ -45,6 +45,12 @@ class DynamicViTClassifier(ImageClassifier):
         if not isinstance(self.backbone, SparseBackbone):
             raise TypeError(f'DynamicViTClassifier needs a token-sparse backbone (a SparseBackbone), got '
                             f'{type(self.backbone).__name__}')
+        weights = dict(keep_ratio_weight=keep_ratio_weight, distill_logits_weight=distill_logits_weight,
+                       distill_tokens_weight=distill_tokens_weight)
+        negative = {name: value for name, value in weights.items() if not value >= 0}
+        if negative:
+            raise ValueError(f'loss weights must be >= 0 (a negative weight rewards what the loss penalises; 0 turns '
+                             f'the term off), got {negative}')
         if token_distill not in ('mse', 'kl'):
             raise ValueError(f"token_distill must be 'mse' or 'kl', got {token_distill!r}")
         self.teacher = build_teacher(teacher)  # a plain attribute: not a submodule (see FrozenTeacher)

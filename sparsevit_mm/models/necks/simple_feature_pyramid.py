@@ -133,8 +133,8 @@ class SimpleFeaturePyramid(BaseModule):
         """Backbone maps -> pyramid.
 
         Args:
-            inputs: the backbone's tuple of (B, C, H, W) maps at stride 16 (only the last one is used), or that one
-                map as a tensor.
+            inputs: the backbone's one (B, C, H, W) map at stride 16, alone or in a tuple (a tuple of several is
+                refused: the pyramid is built from one map, and which one is for the backbone's ``out_indices``).
 
         Returns:
             ``num_outs`` maps of shape (B, out_channels, H * s, W * s) for each scale factor s, then the extra
@@ -143,10 +143,11 @@ class SimpleFeaturePyramid(BaseModule):
         if isinstance(inputs, torch.Tensor):
             feature = inputs
         else:
-            if len(inputs) == 0:
-                raise ValueError('SimpleFeaturePyramid got an empty tuple of backbone maps; it needs at least one '
-                                 '(B, C, H, W) map (check the backbone\'s out_indices and out_type=\'featmap\')')
-            feature = inputs[-1]
+            if len(inputs) != 1:
+                raise ValueError(f'SimpleFeaturePyramid builds the pyramid from one (B, C, H, W) map, got a tuple of '
+                                 f'{len(inputs)}: set the backbone\'s out_indices to the one block whose map it '
+                                 'should use (e.g. out_indices=(11, ) for 12 blocks, with out_type=\'featmap\')')
+            feature = inputs[0]
         if feature.dim() != 4 or feature.shape[1] != self.in_channels:
             raise ValueError(f'SimpleFeaturePyramid expects a (B, {self.in_channels}, H, W) map, got shape '
                              f'{tuple(feature.shape)} (in_channels must match the backbone)')
