@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 from mmengine.config import Config
+from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from .models.backbones.base import SparseBackbone
 from .registry import get_class
@@ -21,7 +22,7 @@ def enable_amp(cfg: Config):
     if optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
         return
     if not torch.cuda.is_available():
-        raise RuntimeError('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper runs on GPU / NPU / MLU only); '
+        raise ValueError('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper runs on GPU / NPU / MLU only); '
                            'drop --amp to train in float32 on this machine')
     optim_wrapper.type = 'AmpOptimWrapper'
     optim_wrapper.setdefault('loss_scale', 'dynamic')
@@ -64,11 +65,18 @@ def build_runner(cfg: Config):
 
 
 def parse_resume(cfg: Config, resume: Optional[str]):
-    """``--resume`` alone resumes from the latest checkpoint of the work dir; ``--resume PATH`` from PATH."""
+    """``--resume`` alone resumes from the latest checkpoint of the work dir, which must exist; ``--resume auto``
+    resumes if there is one and starts afresh otherwise; ``--resume PATH`` resumes from PATH."""
     if resume is None:
         return
+    if resume == 'latest' and find_latest_checkpoint(cfg.work_dir) is None:
+        raise ValueError(f'--resume: nothing to resume in the work dir {cfg.work_dir} (no checkpoint there); give '
+                         'the checkpoint (--resume PATH) or the right --work-dir, or --resume auto to resume only '
+                         'if a checkpoint is there')
+    if resume != 'latest' and resume != 'auto' and not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume {resume}: no such checkpoint file')
     cfg.resume = True
-    cfg.load_from = None if resume == 'auto' else resume
+    cfg.load_from = None if resume in ('latest', 'auto') else resume
 
 
 def common_dataloader_defaults(cfg: Config, fields: Sequence[str] = ('train_dataloader', 'val_dataloader',
@@ -140,3 +148,16 @@ def teardown_distributed():
         dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a tool's ``main()``: what a bad value or file raises (``ValueError``, ``TypeError``,
+    ``FileNotFoundError``, :class:`~sparsevit_mm.utils.CheckpointMismatchError`) ends the tool with its message on one
+    line and exit status 1, without a traceback; ``SPARSEVIT_TRACEBACK=1`` shows the traceback instead."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get('SPARSEVIT_TRACEBACK', '') not in ('', '0'):
+            raise
+        raise SystemExit(f'error: {error}  (SPARSEVIT_TRACEBACK=1 shows where)') from None

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sparsevit_mm.apis import init_model
+
 from .helpers import (REPO, failure_lines, make_imagenet_folder, run_tool, save_tiny_teacher, tiny_classifier_config,
                       torchrun)
 
@@ -49,9 +51,13 @@ def test_train_test_resume(setup):
     out = run_tool('tools/test.py', config, work / 'iter_4.pth', '--out', root / 'preds.pkl')
     assert re.search(r'accuracy/top1: \d', out.stdout + out.stderr)
     assert (root / 'preds.pkl').is_file()
-    # The budget knob at test time, without retraining.
-    out = run_tool('tools/test.py', config, work / 'iter_4.pth', '--cfg-options', 'model.backbone.keep_ratio=0.4')
+    # The budget knob at test time, without retraining: other tokens, other scores.
+    out = run_tool('tools/test.py', config, work / 'iter_4.pth', '--out', root / 'preds_04.pkl', '--cfg-options',
+                   'model.backbone.keep_ratio=0.4')
     assert 'accuracy/top1' in out.stdout + out.stderr
+    scores = [np.stack([np.asarray(p['pred_score']) for p in torch.load(root / name, weights_only=False)])
+              for name in ('preds.pkl', 'preds_04.pkl')]
+    assert scores[0].shape == scores[1].shape and np.abs(scores[0] - scores[1]).max() > 1e-4
 
     out = run_tool('tools/train.py', config, '--resume', '--cfg-options', 'train_cfg.max_iters=6')
     text = out.stdout + out.stderr
@@ -214,3 +220,45 @@ def test_import_time_tool_prints_every_row():
     assert set(rows) == {'import torch', 'mmpretrain / mmdet / mmseg registries', 'import sparsevit_mm',
                          'import sparsevit_mm.layers', 'sparsevit_mm + build DynamicViT'}
     assert all(float(value) > 0 for value in rows.values())
+
+
+# ------------------------------------------------------------------------------------------ anticipated mistakes
+def one_line_failure(*args):
+    """Run a tool that must fail; return its last line, after checking that no traceback was printed."""
+    out = run_tool(*args, check=False)
+    text = (out.stdout + out.stderr).strip()
+    assert 'Traceback' not in text, text[-3000:]
+    return text.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_anticipated_mistakes_end_tools_with_one_line(setup, tmp_path):
+    root, data, teacher = setup
+    config = write_config(root, data, teacher, 'mistakes', tmp_path / 'empty_work', max_iters=2)
+    line = one_line_failure('tools/train.py', config, '--resume')
+    assert 'nothing to resume in the work dir' in line and '--resume auto' in line
+    assert 'no such checkpoint file' in one_line_failure('tools/train.py', config, '--resume', tmp_path / 'x.pth')
+    if not torch.cuda.is_available():
+        assert '--amp needs a CUDA device' in one_line_failure('tools/train.py', config, '--amp')
+    dvt_config = 'configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py'
+    torch.save(init_model(dvt_config).state_dict(), tmp_path / 'dvt.pth')
+    assert 'builds DVT and it has no backbone' in one_line_failure(
+        'tools/visualize_tokens.py', tmp_path / 'image.png', dvt_config, tmp_path / 'dvt.pth')
+    assert "argument --rounds: 0 is below the smallest allowed value, 1" in one_line_failure(
+        'tools/analysis/benchmark.py', config, '--rounds', '0')
+    # "resume if possible": nothing there, so it trains from the start
+    out = run_tool('tools/train.py', config, '--resume', 'auto')
+    assert (tmp_path / 'empty_work' / 'iter_2.pth').is_file(), out.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_a_tool_run_prints_no_upstream_deprecation_warning(setup):
+    root, data, teacher = setup
+    config = write_config(root, data, teacher, 'quiet', root / 'quiet_work')
+    for args in ((config, '--keep-ratios', '0.7', '--shape', '32'),
+                 ('configs/dynamicvit/segmenter_dynamicvit-deit-small-r0.7_mask_8xb1-160k_ade20k-512x512.py',
+                  '--keep-ratios', '0.7', '--shape', '64', '64')):
+        out = run_tool('tools/analysis/get_flops.py', *args, fresh=True)  # a fresh interpreter imports everything
+        text = out.stdout + out.stderr
+        assert 'GFLOPs' in text or 'FLOPs' in text
+        assert 'pkg_resources is deprecated' not in text and 'build_loss' not in text, text[-3000:]

@@ -12,6 +12,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -35,22 +37,25 @@ def load_ema_weights(model, checkpoint_path: str) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Sample images from a U-ViT diffusion model')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser.add_argument('config', help='a U-ViT diffusion config')
+    parser.add_argument('checkpoint', help='its trained weights (ours or official U-ViT)')
     parser.add_argument('--num', type=int, default=16, help='number of images')
     parser.add_argument('--out', default='samples', help='output folder (PNGs and grid.png)')
     parser.add_argument('--label', type=int, default=None, help='class of every image (default: random classes)')
     parser.add_argument('--guidance', type=float, default=None, help='classifier-free guidance scale s')
     parser.add_argument('--steps', type=int, default=None, help='DPM-Solver steps (default: the config\'s, 50)')
-    parser.add_argument('--order', type=int, default=None, choices=[1, 2, 3])
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--order', type=int, default=None, choices=[1, 2, 3],
+                        help='DPM-Solver order (default: the config\'s sampler)')
+    parser.add_argument('--batch-size', type=int, default=16, help='samples generated at once (at least 1)')
+    parser.add_argument('--seed', type=int, default=0, help='random seed of the initial noise (and labels)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu (default: cuda when available)')
     parser.add_argument('--no-ema', action='store_true', help='use the online weights, not the EMA ones')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
-    if args.num < 1:
-        raise ValueError(f'--num must be positive, got {args.num}')
+    for name in ('num', 'batch_size'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
 
     model = init_model(args.config, args.checkpoint, args.device, args.cfg_options)
     if not hasattr(model, 'sample'):
@@ -75,4 +80,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

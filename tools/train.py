@@ -9,6 +9,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 from mmengine.config import DictAction  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
@@ -24,16 +26,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a model with mmengine\'s runner')
     parser.add_argument('config', help='config file (mmpretrain, mmdet, mmseg or configs/ of this repo)')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default ./work_dirs/<config name>)')
-    parser.add_argument('--resume', nargs='?', const='auto', default=None,
-                        help='resume from CKPT, or from the latest checkpoint in the work dir if no CKPT is given')
+    parser.add_argument('--resume', nargs='?', const='latest', default=None, metavar='CKPT',
+                        help='resume from CKPT; without CKPT from the latest checkpoint in the work dir (an error if '
+                             'there is none); "--resume auto": from it if there is one, else start afresh')
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
     parser.add_argument('--no-validate', action='store_true', help='skip validation during training')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the actual batch size / auto_scale_lr.base_batch_size')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. model.backbone.keep_ratio=0.5')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher (dist_train.sh / slurm scripts set it)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help='set by older launchers (torchrun uses LOCAL_RANK)')
     return parser.parse_args(argv)
 
 
@@ -60,4 +65,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -13,6 +13,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'analysis'))  # the test-size helpers
 
 import numpy as np  # noqa: E402
@@ -88,20 +90,22 @@ def name(classes, index: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Visualise the tokens / positions each pruning stage keeps')
-    parser.add_argument('image')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
-    parser.add_argument('--out', default='tokens.png')
+    parser.add_argument('image', help='an image file')
+    parser.add_argument('config', help='config of a model with a sparse backbone')
+    parser.add_argument('checkpoint', help='its trained weights')
+    parser.add_argument('--out', default='tokens.png', help='the figure to write')
     parser.add_argument('--keep-ratio', type=float, default=None, help='override the config\'s keep ratio')
     parser.add_argument('--score-threshold', type=float, default=0.3, help='detections shown in the title')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
 
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)
-    backbone = model.backbone
+    backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, SparseBackbone):
-        raise ValueError(f'{type(backbone).__name__} is not a sparse backbone (DynamicViT, DynamicSwinTransformer, '
-                         'DynamicConvNeXt); nothing to visualise')
+        what = f'its backbone {type(backbone).__name__}' if backbone is not None else 'it has no backbone'
+        raise ValueError(f'{args.config} builds {type(model).__name__} and {what} is not a token-sparse one '
+                         '(DynamicViT, DynamicSwinTransformer, DynamicConvNeXt): nothing to visualise (DVT: '
+                         'tools/analysis/benchmark_early_exit.py shows its exits)')
     if args.keep_ratio is not None:
         backbone.keep_ratio = args.keep_ratio
     framework = dense_prediction_framework(model)
@@ -164,4 +168,5 @@ def summary(model, framework: str, data: dict, classes, threshold: float) -> str
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

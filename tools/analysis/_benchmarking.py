@@ -247,18 +247,21 @@ def at_least(minimum: int) -> Callable[[str], int]:
 def add_measurement_arguments(parser, batch_size: Optional[int] = 32):
     """The arguments every benchmark script shares: the config and weights, the batch, the device, the rounds."""
     from mmengine.config import DictAction
-    parser.add_argument('config')
+    parser.add_argument('config', help='config file (mmpretrain, mmdet, mmseg or configs/ of this repo)')
     parser.add_argument('--checkpoint', help='weights (random init if omitted: speed does not depend on them)')
-    parser.add_argument('--batch-size', type=at_least(1), default=batch_size)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=at_least(1), default=batch_size, help='images per batch')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu (default: cuda when available)')
     parser.add_argument('--fp16', action='store_true', help='autocast to float16 (CUDA)')
-    parser.add_argument('--rounds', type=at_least(1), default=5)
-    parser.add_argument('--iters', type=at_least(1), default=10)
-    parser.add_argument('--warmup', type=at_least(0), default=3)
+    parser.add_argument('--rounds', type=at_least(1), default=5,
+                        help='interleaved rounds; each times every setting once (the report takes medians)')
+    parser.add_argument('--iters', type=at_least(1), default=10, help='timed calls per setting in a round')
+    parser.add_argument('--warmup', type=at_least(0), default=3,
+                        help='untimed calls before each setting\'s timed ones in a round')
     parser.add_argument('--threads', type=at_least(1), default=None, help='torch CPU threads')
     parser.add_argument('--system-allocator', action='store_true',
                         help='CPU: leave glibc malloc as it is (freed activations go back to the system)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser
 
 

@@ -51,6 +51,7 @@ from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -78,6 +79,7 @@ from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock  # noqa:
 from sparsevit_mm.models.classifiers.dvt import DVT  # noqa: E402
 from sparsevit_mm.models.diffusion import UViTDiffusion  # noqa: E402
 from sparsevit_mm.utils.flops import count_flops, count_flops_by_part  # noqa: E402
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 OTHER_BENCHMARKS = {DVT: 'benchmark_early_exit.py', UViTDiffusion: 'benchmark_diffusion_training.py'}
 
@@ -90,7 +92,8 @@ def parse_args(argv=None):
                              'detector / segmentor, its training size with --train)')
     parser.add_argument('--keep-ratios', type=float, nargs='+', default=None,
                         help='settings to compare, first one is the baseline (default: 1.0 and the config\'s)')
-    parser.add_argument('--backbone-only', action='store_true')
+    parser.add_argument('--backbone-only', action='store_true',
+                        help='time the backbone alone (a classifier\'s, detector\'s or segmentor\'s)')
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts routing changes (slow-path MLPs, fast paths, score predictors, '
                              'the rest) with module hooks, with their FLOPs and FLOP rates')
@@ -684,4 +687,5 @@ def benchmark_training(args, argv) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -10,12 +10,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
 
 import torch  # noqa: E402
 
 from _benchmarking import (add_measurement_arguments, describe_device, median, model_to_measure,  # noqa: E402
                            round_speedups, side_by_side_throughput)
 from sparsevit_mm.models.diffusion import UViTDiffusion  # noqa: E402
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -112,4 +114,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -11,6 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
 
 import torch  # noqa: E402
 
@@ -19,6 +20,7 @@ from _benchmarking import (add_measurement_arguments, describe_device, median, m
 from sparsevit_mm.models.backbones.dvt_exit import DVTExit  # noqa: E402
 from sparsevit_mm.models.classifiers.dvt import DVT, NO_EXIT, exit_fraction_targets, fit_thresholds  # noqa: E402
 from sparsevit_mm.utils.flops import count_flops  # noqa: E402
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -91,4 +93,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

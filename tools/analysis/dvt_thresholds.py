@@ -15,6 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -22,6 +23,7 @@ from tqdm import tqdm  # noqa: E402
 
 from sparsevit_mm.apis import init_model  # noqa: E402
 from sparsevit_mm.models.classifiers.dvt import exit_fraction_targets, fit_thresholds  # noqa: E402
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 Q_VALUES = [p / 20 for p in range(1, 60)]
 
@@ -62,13 +64,13 @@ def build_loader(cfg, which, samples):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Fit DVT exit thresholds for FLOPs budgets')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser.add_argument('config', help='a DVT config')
+    parser.add_argument('checkpoint', help='the trained DVT checkpoint')
     parser.add_argument('--fit-samples', type=int, default=50000, help='held-out training images to fit on')
     parser.add_argument('--val-samples', type=int, default=0, help='validation images (0 = all)')
     parser.add_argument('--budgets', type=float, nargs='*', default=[], help='GFLOPs budgets to report')
     parser.add_argument('--out', help='save the model with the fitted threshold table here')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
 
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)
@@ -109,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -15,6 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -92,8 +94,9 @@ def main(argv=None):
     parser.add_argument('samples', help='folder of generated images')
     parser.add_argument('reference', nargs='?', help='folder of reference images or a .npz with mu / sigma')
     parser.add_argument('--inception', required=True, help='local InceptionV3 weights (torchvision state dict)')
-    parser.add_argument('--batch-size', type=int, default=50)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=int, default=50, help='images per Inception forward pass')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu (default: cuda when available)')
     parser.add_argument('--save-stats', help='also write the samples\' statistics to this .npz')
     args = parser.parse_args(argv)
     model = load_inception(args.inception, args.device)
@@ -109,4 +112,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -12,6 +12,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -22,12 +24,12 @@ from sparsevit_mm.utils.flops import count_flops  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Count FLOPs (multiply-adds) at several keep ratios')
-    parser.add_argument('config')
+    parser.add_argument('config', help='config file (mmpretrain, mmdet, mmseg or configs/ of this repo)')
     parser.add_argument('--shape', type=int, nargs='+', default=[224], help='input H [W] (default 224)')
     parser.add_argument('--keep-ratios', type=float, nargs='+', default=None,
                         help='keep ratios to compare (default: 1.0 and the config\'s)')
     parser.add_argument('--backbone-only', action='store_true', help='count the backbone alone')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser.parse_args(argv)
 
 
@@ -68,4 +70,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()

@@ -34,7 +34,7 @@ def seconds(statement: str) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Import time of the package, in fresh interpreters')
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--repeats', type=int, default=5, help='fresh interpreters per measurement (median)')
     args = parser.parse_args(argv)
     times = {name: [] for name in STATEMENTS}
     for _ in range(args.repeats):

@@ -24,6 +24,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
+from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -38,19 +40,21 @@ from sparsevit_mm.models.classifiers.dvt import DVT, fit_thresholds  # noqa: E40
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Export a sparse model (torch.export / ONNX) and check it')
-    parser.add_argument('config')
+    parser.add_argument('config', help='config file of a model of ours')
     parser.add_argument('checkpoint', nargs='?', help='weights (random init if omitted)')
-    parser.add_argument('--format', choices=sorted(FORMATS), required=True)
+    parser.add_argument('--format', choices=sorted(FORMATS), required=True,
+                        help='torch-export: a .pt2 torch.export program; onnx: an ONNX file (checked in ONNX Runtime)')
     parser.add_argument('--shape', type=int, nargs='+', default=None,
                         help='H [W] of the input (default: the size the model is built for, where it has one)')
     parser.add_argument('--keep-ratio', type=float, default=None,
                         help='the keep ratio to export at (default: the config\'s); 1.0 is the dense network')
     parser.add_argument('--dynamic-batch', action='store_true', help='any batch size (DVT exits always have it)')
     parser.add_argument('--batch-size', type=int, default=2, help='batch of the example inputs and the check')
-    parser.add_argument('--out-dir', default='work_dirs/deploy')
-    parser.add_argument('--atol', type=float, default=1e-4)
-    parser.add_argument('--rtol', type=float, default=1e-4)
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--out-dir', default='work_dirs/deploy', help='where the exported files go')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='absolute tolerance of the check against eager (fails above atol + rtol * max |eager|)')
+    parser.add_argument('--rtol', type=float, default=1e-4, help='relative tolerance of that check')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser.parse_args(argv)
 
 
@@ -171,4 +175,5 @@ def write_exit_table(dvt, targets, path):
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():  # a bad value or file: its message, no traceback
+        main()
