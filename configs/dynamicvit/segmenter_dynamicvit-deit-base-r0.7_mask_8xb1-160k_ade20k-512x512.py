@@ -1,5 +1,7 @@
 # Segmenter (mask head) with DynamicViT-DeiT-B/0.7: mmseg's segmenter_vit-b 160k ADE20K recipe, backbone swapped.
 # Like upstream's VisionTransformer: final norm on, one (B, C, H/16, W/16) map from the last block, no cls token.
+# Training memory (docs/dynamicvit.md): a step at keep 1.0 / 0.7 (batch 1, 512x512) peaks 1.26 / 1.49 GiB above
+# the model and optimizer state; with 105 M parameters about 4 GiB per GPU (measured on CPU).
 _base_ = ['mmseg::segmenter/segmenter_vit-b_mask_8xb1-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['sparsevit_mm'], allow_failed_imports=False)
 
