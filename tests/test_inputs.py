@@ -242,6 +242,13 @@ def test_dist_scripts_name_their_arguments():
     (lambda: DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, out_indices=(3, -1)),
      r'out_indices \[3, -1\] name layer / stage \[3\] more than once'),
     (lambda: DynamicSwinTransformer(arch=TINY_SWIN, out_indices=(1.0, 2)), r'1.0 is not an integer'),
+    (lambda: DynamicSwinTransformer(arch=TINY_SWIN, window_size=0), r'window_size must be an integer from 1 to 32, '
+                                                                    r'got 0'),
+    (lambda: DynamicSwinTransformer(arch=TINY_SWIN, window_size=7.5), 'window_size .* got 7.5'),
+    (lambda: DynamicSwinTransformer(arch=TINY_SWIN, window_size=100), r'got 100 \(each block holds'),
+    (lambda: DynamicSwinTransformer(arch=TINY_SWIN, frozen_stages=9), 'frozen_stages must be an integer from -1 to '
+                                                                       '4, got 9'),
+    (lambda: DynamicConvNeXt(arch=TINY_CONVNEXT, frozen_stages=10), 'frozen_stages .* from 0 to 4, got 10'),
 ])
 def test_values_once_accepted_silently_are_refused_by_name(build, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,14 @@
 """The arch lookup every model family shares: a name in the family's table, or a dict of settings."""
+import numbers
 from typing import Mapping, Sequence, Union
+
+
+def check_int(value, name: str, low: int, high: int, meaning: str = '') -> int:
+    """``value`` if it is an integer in [low, high], else a ValueError naming it, the range and ``meaning``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f'{name} must be an integer from {low} to {high}, got {value!r}'
+                         + (f' ({meaning})' if meaning else ''))
+    return int(value)
 
 
 def resolve_arch(owner: str, arch: Union[str, Mapping], zoo: Mapping[str, Mapping], required: Sequence[str],

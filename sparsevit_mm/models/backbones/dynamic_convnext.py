@@ -23,6 +23,7 @@ from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 from mmpretrain.models.utils import LayerNorm2d
 
 from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers
+from ...utils.arch import check_int
 from ...utils.checkpoint import StateDict
 from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
 
@@ -139,6 +140,7 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         depths = list(settings['depths'])
         if len(depths) != 4:
             raise ValueError(f'DynamicConvNeXt needs 4 stages, got depths {depths}')
+        check_int(frozen_stages, 'frozen_stages', 0, len(depths), '0 freezes nothing, k the first k stages')
         # Positions are routed as tokens through a channel LayerNorm and Linear layers: GRN (ConvNeXt V2) normalises
         # over the whole map, and 1x1 convolutions / other norms would not be the same function on a subset.
         if use_grn:

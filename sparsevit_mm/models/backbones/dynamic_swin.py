@@ -21,6 +21,7 @@ import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, swin_converter
 
 from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows
+from ...utils.arch import check_int
 from ...utils.caching import eager_cache
 from ...utils.checkpoint import StateDict
 from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
@@ -161,6 +162,7 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         'base': dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], prune_layers=[2, 4, 6]),
     }
     sparse_stage = 2
+    max_window_size = 32
     keep_ratio_schedule = 'linear'
     # Modules a dense Swin checkpoint lacks: predictors, fast paths, the extra output norms, position indices.
     optional_checkpoint_groups = (r'^score_predictors\.', r'\.fast_path\.', r'^norm[0-2]\.',
@@ -209,6 +211,11 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         if len(depths) != 4 or len(settings['num_heads']) != 4:
             raise ValueError(f'DynamicSwinTransformer needs 4 stages, got depths {depths} and num_heads '
                              f'{list(settings["num_heads"])}')
+        check_int(window_size, 'window_size', 1, self.max_window_size,
+                  'each block holds a (window_size^2, window_size^2) relative-position index, 800 MB at 100; '
+                  'Swin uses 7 or 12')
+        check_int(frozen_stages, 'frozen_stages', -1, len(depths), '-1 freezes nothing, 0 the patch embedding, k '
+                  'also the first k stages')
         if use_abs_pos_embed:
             raise ValueError('use_abs_pos_embed=True is not supported: DynamicSwin (like the official Swin) has no '
                              'absolute position embedding')
