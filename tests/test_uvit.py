@@ -281,6 +281,17 @@ def test_training_benchmark_compares_attention_and_checkpointing(tmp_path):
     assert float(rows['sdpa + checkpointing']) < 0.5 * float(rows['sdpa'])
 
 
+OFFICIAL_UVIT_PARAMS = {  # millions, counted on the official U-ViT networks of each config
+    'uvit-small-p2_8xb16-500k_cifar10-32x32': 44.26,
+    'uvit-mid-p4_8xb128-300k_imagenet-64x64': 130.94,
+    'uvit-large-p4_8xb128-300k_imagenet-64x64': 286.83,
+    'uvit-large-p2_8xb128-300k_imagenet-256x256-latent': 286.76,
+    'uvit-huge-p2_8xb128-500k_imagenet-256x256-latent': 500.83,
+    'uvit-large-p4_8xb128-500k_imagenet-512x512-latent': 286.86,
+    'uvit-huge-p4_8xb128-500k_imagenet-512x512-latent': 500.94,
+}
+
+
 @pytest.mark.parametrize('path', sorted((REPO / 'configs/uvit').glob('uvit-*.py')), ids=lambda p: p.stem)
 def test_diffusion_configs_build(path):
     from mmengine.registry import MODELS, DefaultScope
@@ -293,6 +304,8 @@ def test_diffusion_configs_build(path):
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = MODELS.build(cfg.model)
     network = model.network
-    assert network.img_size % network.patch_size == 0
+    # the official networks' sizes (their parameter counts, research notes), not our config's own numbers
+    official = OFFICIAL_UVIT_PARAMS[path.stem]
+    assert sum(p.numel() for p in network.parameters()) / 1e6 == pytest.approx(official, abs=0.01)
     assert (model.schedule_kind == 'discrete') == ('huge' in path.stem)
     assert model.p_uncond == (0.0 if network.num_classes in (0, 1000) else (0.1 if 'huge' in path.stem else 0.15))
