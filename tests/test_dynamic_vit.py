@@ -177,7 +177,7 @@ def test_bad_input_raises_clear_errors():
         DynamicViT(arch='deit-tiny', prune_layers=[3, 6, 12])
     with pytest.raises(ValueError, match='strictly increasing'):
         DynamicViT(arch='deit-tiny', prune_layers=[6, 3, 9])
-    with pytest.raises(ValueError, match='custom arch'):
+    with pytest.raises(ValueError, match=r"custom DynamicViT arch .* lacks the keys \['num_layers', 'num_heads'\]"):
         DynamicViT(arch=dict(embed_dims=64))
     with pytest.raises(ValueError, match='out_type'):
         DynamicViT(arch='deit-tiny', out_type='tokens')

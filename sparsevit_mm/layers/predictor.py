@@ -45,3 +45,17 @@ class TokenScorePredictor(nn.Module):
         first, half = self.classifier[0], local.shape[-1]
         x = F.linear(local, first.weight[:, :half]) + F.linear(context, first.weight[:, half:], first.bias)
         return F.log_softmax(self.classifier[1:](x), dim=-1)
+
+
+# The official DynamicViT / DynamicSwin / DynamicCNN predictors name the same layers by position in two Sequentials
+_OFFICIAL_NAMES = (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
+                   ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.'))
+
+
+def official_predictor_key(key: str) -> str:
+    """A key inside an official score predictor (``in_conv.0.weight``, ...) -> :class:`TokenScorePredictor`'s
+    (``norm.weight``, ...); other keys are returned as they are."""
+    for old, new in _OFFICIAL_NAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key

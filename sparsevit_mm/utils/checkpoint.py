@@ -188,8 +188,9 @@ def _in_group(key: str, group: Tuple[str, str]) -> bool:
     return key.startswith(prefix) and re.search(pattern, key[len(prefix):]) is not None
 
 
-# official / timm classifiers name their heads so; mmpretrain heads hold the same Linear under these names
-_OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.')
+# classifier-level keys of the official / timm layouts (DeiT's distillation head, LV-ViT's token head, timm's fc_norm);
+# mmpretrain heads hold the same Linear under the names below
+OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.', 'fc_norm.')
 _HEAD_LAYOUTS = (  # (a key of the model's head, official prefix -> ours)
     ('head.cls_fc.weight', {'head.': 'head.cls_fc.', 'aux_head.': 'head.token_fc.'}),  # TokenLabelingClsHead
     ('head.layers.head.weight', {'head.': 'head.layers.head.'}),  # VisionTransformerClsHead
@@ -203,7 +204,7 @@ def _official_classifier_to_model(model: nn.Module, state_dict: StateDict) -> St
     renames = next((layout for key, layout in _HEAD_LAYOUTS if key in own), {})
     backbone, head = {}, {}
     for key, value in state_dict.items():
-        official = next((p for p in _OFFICIAL_HEAD_PREFIXES if key.startswith(p)), None)
+        official = next((p for p in OFFICIAL_HEAD_PREFIXES if key.startswith(p)), None)
         if official is None:
             backbone[key] = value
         else:

@@ -205,15 +205,6 @@ def strip_model_prefix(state_dict: StateDict) -> StateDict:
     return dict(state_dict)
 
 
-def _predictor_key(rest: str) -> str:
-    """Official predictor sub-key (``in_conv.0.weight`` ...) -> ours (``norm.weight`` ...)."""
-    for old, new in (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
-                     ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.')):
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    return rest
-
-
 def _zoo_name(zoo: dict, arch: dict):
     for name, settings in zoo.items():
         if all(list(settings[k]) == list(v) if isinstance(v, (list, tuple)) else settings[k] == v

@@ -22,10 +22,11 @@ from mmengine.model import BaseModule
 from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 from mmpretrain.models.utils import LayerNorm2d
 
-from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers
+from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers,
+                       official_predictor_key)
 from ...utils.arch import check_int
 from ...utils.checkpoint import StateDict
-from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
+from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _zoo_name, strip_model_prefix
 
 
 class DynamicConvNeXtBlock(ConvNeXtBlock):
@@ -262,7 +263,7 @@ def convnext_to_backbone(state_dict: StateDict, out_indices: Sequence[int] = (3,
             continue
         match = re.match(r'^score_predictor\.(\d+)\.(.*)$', key)
         if match:
-            new = f'score_predictors.{match.group(1)}.{_predictor_key(match.group(2))}'
+            new = f'score_predictors.{match.group(1)}.{official_predictor_key(match.group(2))}'
             out[new] = _linear_weight(value) if new.endswith('weight') else value
             continue
         if key.startswith('norm.'):

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock, SwinTransformer, swin_converter
 
-from ...layers import SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows
+from ...layers import (SlowFastRouting, TokenScorePredictor, check_prune_layers, default_prune_layers, flat_rows,
+                       official_predictor_key)
 from ...utils.arch import check_int
 from ...utils.caching import eager_cache
 from ...utils.checkpoint import StateDict
-from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _predictor_key, _zoo_name, strip_model_prefix
+from .base import _HEAD_PREFIXES, SparseBackbone, TokenSparsityResult, _zoo_name, strip_model_prefix
 
 
 class DynamicSwinBlock(SwinBlock):
@@ -346,7 +347,7 @@ def swin_to_backbone(state_dict: StateDict, out_indices: Sequence[int] = (3, )) 
             stage, block, index, param = fast.groups()
             extra[f'stages.{stage}.blocks.{block}.fast_path.{index}.{param}'] = value
         elif predictor:
-            extra[f'score_predictors.{predictor.group(2)}.{_predictor_key(predictor.group(3))}'] = value
+            extra[f'score_predictors.{predictor.group(2)}.{official_predictor_key(predictor.group(3))}'] = value
         elif key.startswith('norm.'):
             extra[f'norm{last}.' + key[len('norm.'):]] = value
         else:

@@ -25,8 +25,9 @@ import torch.utils.checkpoint as cp
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 
-from ...layers import KeepPolicyAttention, TokenPruning, TokenScorePredictor, check_prune_layers, init_vit_weights
-from ...utils.checkpoint import CheckpointMismatchError, StateDict
+from ...layers import (KeepPolicyAttention, TokenPruning, TokenScorePredictor, check_prune_layers, init_vit_weights,
+                       official_predictor_key)
+from ...utils.checkpoint import OFFICIAL_HEAD_PREFIXES, CheckpointMismatchError, StateDict
 from .base import SparseBackbone, TokenSparsityResult
 
 
@@ -326,11 +327,6 @@ class DynamicViT(SparseBackbone):
 # * our own backbone keys, or our classifier keys (``backbone.*``, ``head.*``).
 # ---------------------------------------------------------------------------------------------------------------------
 
-# official predictor names -> ours
-_PREDICTOR_RENAMES = (('in_conv.0.', 'norm.'), ('in_conv.1.', 'in_proj.'), ('out_conv.0.', 'classifier.0.'),
-                      ('out_conv.2.', 'classifier.2.'), ('out_conv.4.', 'classifier.4.'))
-# classifier-level keys of the official / timm layouts
-_OFFICIAL_HEAD_PREFIXES = ('head.', 'aux_head.', 'head_dist.', 'fc_norm.')
 # mmpretrain / mmseg VisionTransformer -> ours (mmseg's attention wraps nn.MultiheadAttention, whose in_proj stacks
 # q, k, v exactly as one qkv Linear does)
 _MMPRETRAIN_VIT_RENAMES = ((r'^patch_embed\.projection\.', 'patch_embed.proj.'), (r'^layers\.', 'blocks.'),
@@ -350,7 +346,7 @@ def detect_layout(state_dict: StateDict) -> str:
         return 'mmpretrain_vit'
     if any(k.startswith('score_predictors.') for k in keys):
         return 'backbone'
-    if any(k.startswith('score_predictor.') for k in keys) or any(k.startswith(_OFFICIAL_HEAD_PREFIXES) for k in keys):
+    if any(k.startswith('score_predictor.') for k in keys) or any(k.startswith(OFFICIAL_HEAD_PREFIXES) for k in keys):
         return 'official'
     # ours, or a headless official / timm checkpoint (exactly our backbone names); anything else is refused by the
     # fit check, which names the keys
@@ -362,18 +358,14 @@ def _rename_predictor(key: str) -> str:
     if not match:
         return key
     rest = match.group(2)
-    for old, new in _PREDICTOR_RENAMES:
-        if rest.startswith(old):
-            rest = new + rest[len(old):]
-            break
-    return f'score_predictors.{match.group(1)}.{rest}'
+    return f'score_predictors.{match.group(1)}.{official_predictor_key(rest)}'
 
 
 def split_official(state_dict: StateDict) -> Tuple[StateDict, StateDict]:
     """Official / timm layout -> (backbone keys in our names, head keys in the official names)."""
     backbone, head = {}, {}
     for key, value in state_dict.items():
-        if key.startswith(_OFFICIAL_HEAD_PREFIXES):
+        if key.startswith(OFFICIAL_HEAD_PREFIXES):
             head[key] = value
         else:
             backbone[_rename_predictor(key)] = value
