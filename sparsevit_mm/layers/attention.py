@@ -66,10 +66,13 @@ def _query_blocks(query: torch.Tensor, num_keys: int) -> Iterator[Tuple[int, int
 def _argmax_keys(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """(B, H, N) index of each query's largest logit over all keys (the first one at a tie, as ``torch.max``)."""
     index = torch.empty(query.shape[:3], dtype=torch.long, device=query.device)
-    keys_t = key.transpose(-2, -1)
     with torch.no_grad():
+        # contiguous once: q, k are usually strided views of the qkv projection, which every block's matmul would
+        # otherwise copy whole again
+        scaled_query = query * scale
+        keys_t = key.transpose(-2, -1).contiguous()
         for start, stop in _query_blocks(query, key.shape[-2]):
-            index[:, :, start:stop] = ((query[:, :, start:stop] * scale) @ keys_t).max(dim=-1).indices
+            index[:, :, start:stop] = (scaled_query[:, :, start:stop] @ keys_t).argmax(dim=-1)
     return index
 
 
