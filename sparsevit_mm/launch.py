@@ -73,7 +73,7 @@ def parse_resume(cfg: Config, resume: Optional[str]):
         raise ValueError(f'--resume: nothing to resume in the work dir {cfg.work_dir} (no checkpoint there); give '
                          'the checkpoint (--resume PATH) or the right --work-dir, or --resume auto to resume only '
                          'if a checkpoint is there')
-    if resume != 'latest' and resume != 'auto' and not os.path.isfile(resume):
+    if resume not in ('latest', 'auto') and '://' not in resume and not os.path.isfile(resume):
         raise FileNotFoundError(f'--resume {resume}: no such checkpoint file')
     cfg.resume = True
     cfg.load_from = None if resume in ('latest', 'auto') else resume

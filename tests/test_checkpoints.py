@@ -4,9 +4,11 @@ Routes: tools/test.py (load_from), tools/train.py (load_from), apis.init_model, 
 init_cfg, the frameworks' own loaders (mmengine's load_checkpoint, with no hook of ours), and the converter CLI.
 """
 import pickle
+import re
 
 import pytest
 import torch
+from mmengine.runner import load_checkpoint
 
 from sparsevit_mm.apis import build_model, init_model
 from sparsevit_mm.utils import CheckpointMismatchError
@@ -223,3 +225,61 @@ def test_official_checkpoints_of_every_family_load_into_the_models_a_config_buil
     assert torch.equal(diffusion.network.pos_embed, network['pos_embed'])
     with pytest.raises(CheckpointMismatchError, match=r'nnet\.pth.*missing keys: network\.norm\.weight'):
         load_weights(diffusion, {k: v for k, v in network.items() if k != 'norm.weight'}, source='nnet.pth')
+
+
+# ------------------------------------------------------------------------------------------ one reader for files
+BAD_FILES = {  # what each file is -> the message every route gives
+    'text': 'is not a checkpoint: torch.save writes a zip archive',
+    'truncated': 'is not a checkpoint torch can read',
+    'url': 'could not be downloaded .* download the file and give its local path instead',
+}
+
+
+def checkpoint_files(root):
+    """A text file, a truncated torch.save file, an unreachable URL and an official-layout safetensors file."""
+    from safetensors.torch import save_file
+    (root / 'notes.pth').write_text('these are not weights\n')
+    torch.save({'model': official_tiny()}, root / 'full.pth')
+    data = (root / 'full.pth').read_bytes()
+    (root / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    save_file(official_tiny(), str(root / 'official.safetensors'))
+    return {'text': root / 'notes.pth', 'truncated': root / 'truncated.pth',
+            'url': 'http://127.0.0.1:9/deit_tiny.pth', 'safetensors': root / 'official.safetensors'}
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    return checkpoint_files(tmp_path_factory.mktemp('files'))
+
+
+@pytest.mark.parametrize('kind', [*BAD_FILES, 'safetensors'])
+def test_every_python_route_reads_files_alike(setup, files, kind, tmp_path):
+    root, config = setup
+    path = str(files[kind])
+    routes = {
+        'init_model': lambda: init_model(str(config), path),
+        'init_cfg': lambda: build_model(dict(type='DynamicViT', arch=TINY_ARCH, img_size=32, patch_size=8,
+                                             prune_layers=[1, 2, 3],
+                                             init_cfg=dict(type='Pretrained', checkpoint=path))).init_weights(),
+        'mmengine load_checkpoint': lambda: load_checkpoint(init_model(str(config)), path),
+    }
+    for route, load in routes.items():
+        if kind == 'safetensors':
+            load()  # read and converted like any official checkpoint
+        else:
+            with pytest.raises((CheckpointMismatchError, FileNotFoundError), match=BAD_FILES[kind]):
+                load()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', [*BAD_FILES, 'safetensors'])
+def test_every_tool_reads_files_alike(setup, files, kind, tmp_path):
+    root, config = setup
+    runs = [('tools/test.py', config, files[kind]),
+            ('tools/model_converters/official_to_sparsevit.py', files[kind], tmp_path / 'converted.pth')]
+    for args in runs:
+        if kind == 'safetensors':
+            run_tool(*args)
+        else:
+            text = run_failing(*args)
+            assert re.search(BAD_FILES[kind], text) and 'Traceback' not in text, text[-2000:]

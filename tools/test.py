@@ -40,7 +40,7 @@ def parse_args(argv=None):
 @record  # under torchrun, the failing rank's traceback is the run's root cause
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
+    if '://' not in args.checkpoint and not os.path.isfile(args.checkpoint):  # a URL is fetched when loaded
         raise FileNotFoundError(f'checkpoint {args.checkpoint} does not exist')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = args.checkpoint

@@ -10,6 +10,7 @@ import collections
 import os
 import pickle
 import re
+import urllib.parse
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -48,21 +49,56 @@ def allow_mmengine_checkpoints():
     torch.serialization.add_safe_globals(safe_checkpoint_globals())
 
 
+def download(url: str) -> str:
+    """The local copy of a checkpoint URL: torch hub's cache (as ``torch.hub.load_state_dict_from_url`` keeps it),
+    downloaded once. A URL that cannot be fetched is a clear error that says to download it."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint'
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, cached, progress=False)
+        except Exception as error:  # noqa: BLE001  (whatever the network says, the advice is the same)
+            raise FileNotFoundError(f'checkpoint {url} could not be downloaded ({type(error).__name__}: {error}); '
+                                    'download the file and give its local path instead') from None
+    return cached
+
+
+def _is_safetensors(path: str, head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return path.endswith('.safetensors') or (len(head) > 8 and head[8:9] == b'{' and
+                                             0 < int.from_bytes(head[:8], 'little') < os.path.getsize(path))
+
+
 def load_checkpoint_file(path: str, map_location='cpu'):
-    """``torch.load`` with the safe loader and the allow-list above; a file that is no checkpoint is a clear error."""
+    """Read a checkpoint file: the one function every route uses (ours, and mmengine's ``load_from``, resume,
+    ``init_cfg`` and the frameworks' inferencers, for which it is registered as mmengine's loader of local paths and
+    URLs).
+
+    Reads what torch can read safely: ``torch.save`` files through ``torch.load(weights_only=True)`` with the
+    allow-list above, and safetensors files (a flat state dict). ``http(s)://`` URLs are downloaded once into torch
+    hub's cache. A missing file, one that is no checkpoint, a truncated one or a URL that cannot be fetched is a
+    clear error naming the file.
+    """
+    if isinstance(path, str) and path.startswith(('http://', 'https://')):
+        path = download(path)
     # Only add what is not registered yet: leaving the context removes its globals, even ones that
     # allow_mmengine_checkpoints() had registered for the whole process.
     registered = set(torch.serialization.get_safe_globals())
     missing = [g for g in safe_checkpoint_globals() if g not in registered]
     if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint {path} does not exist')
         with open(path, 'rb') as f:
-            magic = f.read(2)
+            head = f.read(9)
+        if _is_safetensors(path, head):
+            return _load_safetensors(path, map_location)
         # torch.save writes a zip archive (PK), older torch a pickle (protocol >= 2 starts with 0x80)
-        if magic != b'PK' and magic[:1] != b'\x80':
+        if head[:2] != b'PK' and head[:1] != b'\x80':
             raise CheckpointMismatchError(f'{path} is not a checkpoint: torch.save writes a zip archive (or, before '
-                                          f'torch 1.6, a pickle); this file starts with {magic!r}')
+                                          f'torch 1.6, a pickle) and safetensors a JSON header; this file starts '
+                                          f'with {head[:8]!r}')
     try:
         with torch.serialization.safe_globals(missing):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -73,6 +109,28 @@ def load_checkpoint_file(path: str, map_location='cpu'):
         raise CheckpointMismatchError(
             f'{path} is not a checkpoint torch can read (expected a file written by torch.save, e.g. a .pth); '
             f'reading it failed with {type(error).__name__}: {error}') from error
+
+
+def _load_safetensors(path: str, map_location) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    device = map_location if isinstance(map_location, str) else 'cpu'
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointMismatchError(f'{path} is not a safetensors file torch can read: {error}') from error
+
+
+def _read_for_mmengine(filename, map_location=None):
+    return load_checkpoint_file(filename, 'cpu' if map_location is None else map_location)
+
+
+def register_with_mmengine():
+    """Make :func:`load_checkpoint_file` mmengine's loader of local files and http(s) URLs (its public
+    ``CheckpointLoader.register_scheme``), so that ``load_from``, resume, ``init_cfg`` and the inferencers read files as
+    every other route does. Done when this module is imported, i.e. before any model of ours is built."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes=['', 'http://', 'https://'], loader=_read_for_mmengine, force=True)
 
 
 def unwrap_state_dict(checkpoint) -> StateDict:
@@ -290,3 +348,6 @@ def load_weights(model: nn.Module, checkpoint: Union[str, dict], prefix: Optiona
         from mmengine.logging import print_log
         print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')
     return absent
+
+
+register_with_mmengine()
