@@ -77,3 +77,8 @@ def test_image_classification_inferencer_on_a_dynamic_vit(tmp_path, image):
     # the inferencer's model holds the file's weights, as init_model's does
     model = init_model(config, str(weights))
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in inferencer.model.state_dict().items())
+    # a checkpoint without the head is refused, not run with a random head
+    torch.save({'state_dict': {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}},
+               tmp_path / 'headless.pth')
+    with pytest.raises(CheckpointMismatchError, match=r'missing keys: head\.layers\.head\.weight'):
+        ImageClassificationInferencer(model=config, pretrained=str(tmp_path / 'headless.pth'), device='cpu')

@@ -184,21 +184,27 @@ class CheckpointLayoutMixin:
     may lack as a whole, e.g. score predictors that a dense checkpoint never had). ``resizable_checkpoint_keys``
     names buffers that take the checkpoint's shape.
 
-    The check runs in ``_load_from_state_dict``, torch's hook for modules that read other layouts, so it applies to
-    every loader (torch's ``load_state_dict``, mmengine's ``load_checkpoint``, ``init_cfg``, EMA copies, resume):
-    keys of another layout are converted in place, and missing, unexpected or mis-shaped keys raise
-    :class:`CheckpointMismatchError` naming them.
+    Each instance registers :func:`adopt_and_check_layout` with torch's public
+    ``register_load_state_dict_pre_hook``, so it runs for every loader (torch's ``load_state_dict``, mmengine's
+    ``load_checkpoint``, ``init_cfg``, EMA copies, resume, the frameworks' inferencers): keys of another layout are
+    converted in place (keys already in this module's layout are left alone), missing, unexpected or mis-shaped keys
+    raise :class:`CheckpointMismatchError` naming them, and the groups a checkpoint may lack keep their values.
     """
     optional_checkpoint_groups: Tuple[str, ...] = ()
     resizable_checkpoint_keys: Tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(adopt_and_check_layout)
 
     def convert_checkpoint(self, state_dict: StateDict, checkpoint: Optional[dict] = None) -> StateDict:
         return dict(state_dict)
 
     def adopt_checkpoint_layout(self, state_dict: dict, prefix: str) -> StateDict:
-        """Convert the keys under ``prefix`` of ``state_dict`` to this module's layout, in place; returns them."""
+        """Convert the keys under ``prefix`` of ``state_dict`` to this module's layout, in place (nothing happens
+        when they are in it already); returns them without the prefix."""
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not own:
+        if not own or own.keys() == self.state_dict(keep_vars=True).keys():
             return own
         converted = self.convert_checkpoint(own)
         if converted.keys() != own.keys() or any(converted[k] is not v for k, v in own.items()):
@@ -207,19 +213,23 @@ class CheckpointLayoutMixin:
             state_dict.update({prefix + k: v for k, v in converted.items()})
         return converted
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # torch and mmengine load a module before its children, so an enclosing module of ours has already converted
-        # and checked these keys, with every optional group of its subtree (which may cover parts of this one)
-        if not self.__dict__.pop('_checkpoint_checked_by_parent', False):
-            converted = self.adopt_checkpoint_layout(state_dict, prefix)
-            if converted:  # an empty subtree is left to the caller's own strictness (e.g. a head-only load)
-                check_fit(self, converted, f'the checkpoint (at {prefix!r})' if prefix else 'the checkpoint')
-                for module in self.modules():
-                    if module is not self and isinstance(module, CheckpointLayoutMixin):
-                        module.__dict__['_checkpoint_checked_by_parent'] = True
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+
+def adopt_and_check_layout(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """torch's load pre-hook of our modules (see :class:`CheckpointLayoutMixin`): convert the keys under ``prefix``
+    to ``module``'s layout, check that they fit, and fill the groups the checkpoint may lack with the module's
+    current values, so that the modules of ours nested in it and the loader see a complete state dict. Resizable
+    buffers take the checkpoint's shape. An empty subtree is left to the caller's own strictness (e.g. a head-only
+    load)."""
+    converted = module.adopt_checkpoint_layout(state_dict, prefix)
+    if not converted:
+        return
+    check_fit(module, converted, f'the checkpoint (at {prefix!r})' if prefix else 'the checkpoint')
+    for key, value in module.state_dict(keep_vars=True).items():
+        if key not in converted:  # in a group the checkpoint may lack: it keeps its value
+            state_dict[prefix + key] = value.detach()
+    for name in module.resizable_checkpoint_keys:
+        if prefix + name in state_dict:
+            setattr(module, name, torch.empty_like(state_dict[prefix + name]))
 
 
 def _outermost_layout_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -256,7 +266,7 @@ _HEAD_LAYOUTS = (  # (a key of the model's head, official prefix -> ours)
 )
 
 
-def _official_classifier_to_model(model: nn.Module, state_dict: StateDict) -> StateDict:
+def official_classifier_to_model(model: nn.Module, state_dict: StateDict) -> StateDict:
     """An official / timm classifier (backbone keys at the top, ``head.*``) -> ``backbone.*`` + the model's head."""
     own = model.state_dict()
     renames = next((layout for key, layout in _HEAD_LAYOUTS if key in own), {})
@@ -283,9 +293,16 @@ def convert_for_model(model: nn.Module, checkpoint: Union[dict, StateDict]) -> S
     whole = checkpoint if isinstance(checkpoint, dict) else None
     if isinstance(model, CheckpointLayoutMixin):
         return model.convert_checkpoint(state_dict, whole)
+    return convert_framework_model_layout(model, state_dict)
+
+
+def convert_framework_model_layout(model: nn.Module, state_dict: StateDict) -> StateDict:
+    """For a framework model (classifier, detector, segmentor) with a backbone of ours: an official / timm classifier
+    checkpoint (no ``backbone.`` keys) becomes backbone + head; otherwise each submodule of ours converts its keys."""
     if isinstance(getattr(model, 'backbone', None), CheckpointLayoutMixin) and \
             not any(k.startswith('backbone.') for k in state_dict):
-        return _official_classifier_to_model(model, state_dict)
+        return official_classifier_to_model(model, state_dict)
+    state_dict = dict(state_dict)
     for name, module in _outermost_layout_modules(model):
         module.adopt_checkpoint_layout(state_dict, f'{name}.')
     return state_dict
@@ -343,7 +360,9 @@ def load_weights(model: nn.Module, checkpoint: Union[str, dict], prefix: Optiona
     except CheckpointMismatchError as error:
         message = str(error)
         raise CheckpointMismatchError(message if source in message else f'{source}: {message}') from None
-    model.load_state_dict(state_dict, strict=False)
+    for key, value in model.state_dict(keep_vars=True).items():  # what may be absent keeps its value
+        state_dict.setdefault(key, value.detach())
+    model.load_state_dict(state_dict)
     if absent:
         from mmengine.logging import print_log
         print_log(f'{source}: no weights for {absent}; those keep their initialisation', logger='current')

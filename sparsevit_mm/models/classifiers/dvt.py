@@ -134,6 +134,24 @@ def run_early_exit(exits: Sequence[Callable], images: torch.Tensor,
     return logits, exit_of
 
 
+def budget_thresholds(table: torch.Tensor, table_gflops: torch.Tensor, exit_gflops: torch.Tensor,
+                      gflops: float) -> List[float]:
+    """The row of a fitted threshold ``table`` (settings x exits) whose expected cost (``table_gflops``) is the highest
+    within ``gflops`` per image; ``exit_gflops``: the cumulative cost of each exit (0 if not measured)."""
+    if len(table) == 0:
+        raise ValueError('no fitted threshold table: load a checkpoint written by tools/analysis/'
+                         'dvt_thresholds.py (or a converted official DVT checkpoint), or give thresholds')
+    cheapest = float(exit_gflops[0]) if float(exit_gflops[0]) > 0 else float(table_gflops.min())
+    if gflops < cheapest:
+        raise ValueError(f'budget {gflops:.3f} GFLOPs is below the cost of exit 1 ({cheapest:.3f} GFLOPs); '
+                         'no threshold can meet it')
+    within = (table_gflops <= gflops).nonzero().flatten()
+    if len(within) == 0:
+        raise ValueError(f'budget {gflops:.3f} GFLOPs is below every fitted setting '
+                         f'(from {float(table_gflops.min()):.3f} GFLOPs)')
+    return table[within[table_gflops[within].argmax()]].tolist()
+
+
 class DVT(CheckpointLayoutMixin, BaseClassifier):
     """Dynamic Vision Transformer: a cascade of 7x7 / 10x10 / 14x14-token transformers with early exits.
 
@@ -203,6 +221,7 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
         self._budget_pending = budget is not None
         if thresholds is not None:
             self.set_thresholds(thresholds)
+        self.register_load_state_dict_pre_hook(self._keep_configured_thresholds)
 
     # ------------------------------------------------------------------------------------------ thresholds
     def set_thresholds(self, thresholds: Sequence[float]):
@@ -220,20 +239,8 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
 
     def set_budget(self, gflops: float):
         """Use the fitted thresholds whose expected cost is the highest within ``gflops`` per image."""
-        if len(self.threshold_table) == 0:
-            raise ValueError('no fitted threshold table: load a checkpoint written by tools/analysis/'
-                             'dvt_thresholds.py (or a converted official DVT checkpoint), or give thresholds')
-        cheapest = float(self.exit_gflops[0]) if float(self.exit_gflops[0]) > 0 else \
-            float(self.threshold_table_gflops.min())
-        if gflops < cheapest:
-            raise ValueError(f'budget {gflops:.3f} GFLOPs is below the cost of exit 1 ({cheapest:.3f} GFLOPs); '
-                             'no threshold can meet it')
-        within = (self.threshold_table_gflops <= gflops).nonzero().flatten()
-        if len(within) == 0:
-            raise ValueError(f'budget {gflops:.3f} GFLOPs is below every fitted setting '
-                             f'(from {float(self.threshold_table_gflops.min()):.3f} GFLOPs)')
-        best = within[self.threshold_table_gflops[within].argmax()]
-        self.set_thresholds(self.threshold_table[best].tolist())
+        self.set_thresholds(budget_thresholds(self.threshold_table, self.threshold_table_gflops, self.exit_gflops,
+                                              gflops))
 
     @torch.no_grad()
     def measure_exit_gflops(self, store: bool = True) -> List[float]:
@@ -260,21 +267,23 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
             return dict(state_dict)
         return official_dvt_to_ours(whole)[0]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.adopt_checkpoint_layout(state_dict, prefix)
-        for name in self.resizable_checkpoint_keys:
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._configured_thresholds is not None:
-            self.set_thresholds(self._configured_thresholds)
-        elif self._budget is not None:
-            # A checkpoint without a table (e.g. a training one, as dvt_thresholds.py loads) leaves the budget
-            # pending: the error comes only if the model predicts without a table.
-            self._budget_pending = True
-            if len(self.threshold_table):
-                self.set_budget(self._budget)
+    @staticmethod
+    def _keep_configured_thresholds(module, state_dict, prefix, *_):
+        """Load pre-hook (after the layout's): thresholds or a budget given in the config win over the checkpoint's
+        thresholds, a budget through the checkpoint's table. A checkpoint without a table (e.g. a training one, as
+        dvt_thresholds.py loads) leaves the budget pending: the error comes only if the model predicts so."""
+        key = prefix + 'thresholds'
+        if key not in state_dict:
+            return
+        configured = module._configured_thresholds
+        if configured is None and module._budget is not None:
+            table = state_dict.get(prefix + 'threshold_table')
+            module._budget_pending = table is None or len(table) == 0
+            if not module._budget_pending:
+                configured = budget_thresholds(table, state_dict[prefix + 'threshold_table_gflops'],
+                                               state_dict[prefix + 'exit_gflops'], module._budget)
+        if configured is not None:
+            state_dict[key] = torch.tensor([float(t) for t in configured], dtype=state_dict[key].dtype)
 
     def _apply_pending_budget(self):
         """Pick the thresholds of a configured budget before predicting; an error when there is no table."""

@@ -6,14 +6,14 @@ from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.structures import DataSample
 
 from ...layers import keep_ratio_terms
-from ...utils.checkpoint import load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, convert_framework_model_layout, load_weights
 from ..backbones.base import SparseBackbone
 from ..heads import TokenLabelingClsHead
 from ..losses import logit_distillation_loss, token_distillation_loss
 from ..teacher import FrozenTeacher, build_teacher
 
 
-class DynamicViTClassifier(ImageClassifier):
+class DynamicViTClassifier(CheckpointLayoutMixin, ImageClassifier):
     """``ImageClassifier`` whose training loss is the full DynamicViT objective.
 
     ``loss_cls`` (the head's loss) + ``loss_keep_ratio`` (per stage, squared error between each sample's kept
@@ -58,6 +58,12 @@ class DynamicViTClassifier(ImageClassifier):
         self.distill_logits_weight = distill_logits_weight
         self.distill_tokens_weight = distill_tokens_weight
         self.token_distill = token_distill
+
+    def convert_checkpoint(self, state_dict: StateDict, checkpoint: Optional[dict] = None) -> StateDict:
+        """Ours, an official DynamicViT / DeiT / LV-ViT / timm classifier, or mmpretrain's ViT names -> our keys.
+        Whatever is loaded into the whole classifier is checked whole (head included), by any loader: an
+        inferencer given a checkpoint without a head refuses it instead of predicting with a random one."""
+        return convert_framework_model_layout(self, state_dict)
 
     def init_weights(self):
         """Default init, then ``init_cfg=dict(type='Pretrained', checkpoint=...)`` of the whole classifier.
