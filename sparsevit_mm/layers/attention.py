@@ -83,13 +83,19 @@ def _head_width(head_dims: int, extra: int, device: torch.device) -> int:
     return width if device.type == 'cpu' else -(-width // 8) * 8
 
 
-def _widen(x: torch.Tensor, *columns: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, N, d) and (B, H, N) columns -> (B, H, N, width): ``x``, the columns, then zeros."""
-    parts = [x, *(c.to(x.dtype).unsqueeze(-1) for c in columns)]
-    padding = width - x.shape[-1] - len(columns)
-    if padding:
-        parts.append(x.new_zeros(*x.shape[:-1], padding))
-    return torch.cat(parts, dim=-1)
+def _widen(x: torch.Tensor, *columns: torch.Tensor, width: int, extra_row: Optional[torch.Tensor] = None,
+           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(B, H, N, d) ``x`` and (B, H, N) columns -> (B, H, N, width): ``x``, the columns, then zeros; with
+    ``extra_row`` (B, H, 1, width) -> (B, H, N + 1, width). One allocation (in ``dtype``, default ``x``'s); autograd
+    follows the writes."""
+    batch, heads, rows, dims = x.shape
+    out = x.new_zeros(batch, heads, rows + (extra_row is not None), width, dtype=dtype)
+    out[:, :, :rows, :dims] = x
+    for index, column in enumerate(columns):
+        out[:, :, :rows, dims + index] = column
+    if extra_row is not None:
+        out[:, :, rows:] = extra_row
+    return out
 
 
 class _PolicyGradient(torch.autograd.Function):
@@ -123,15 +129,13 @@ class _PolicyGradient(torch.autograd.Function):
         with torch.autocast(query.device.type, enabled=False):
             out_dot = (grad32 * out.to(f32)).sum(-1)  # dO_i . o_i
             width = _head_width(head_dims, 2, query.device)
-            ones = log_normaliser.new_ones(log_normaliser.shape)
-            keys_as_queries = _widen(key.to(f32), ones, width=width)
-            queries_as_keys = _widen(query.to(f32), -log_normaliser / scale, width=width)
-            values = _widen(grad32, out_dot, width=width)
-            virtual_key = torch.zeros(batch, heads, 1, width, dtype=f32, device=query.device)
+            keys_as_queries = _widen(key, log_normaliser.new_ones(log_normaliser.shape), width=width, dtype=f32)
+            virtual_key = log_normaliser.new_zeros(batch, heads, 1, width)  # logit 0
+            queries_as_keys = _widen(query, -log_normaliser / scale, width=width, extra_row=virtual_key, dtype=f32)
             virtual_value = virtual_key.clone()
             virtual_value[..., head_dims + 1] = 1.0
-            summed = F.scaled_dot_product_attention(keys_as_queries, torch.cat([queries_as_keys, virtual_key], 2),
-                                                    torch.cat([values, virtual_value], 2), scale=scale)
+            values = _widen(grad32, out_dot, width=width, extra_row=virtual_value)
+            summed = F.scaled_dot_product_attention(keys_as_queries, queries_as_keys, values, scale=scale)
             # summed = (sum_i pi_ij [dO_i, D_i], 1) / (sum_i pi_ij + 1)
             weighted = summed[..., :head_dims + 1] / summed[..., head_dims + 1:head_dims + 2]
             grad_policy = (value.to(f32) * weighted[..., :head_dims]).sum(-1) - weighted[..., head_dims]
@@ -191,19 +195,17 @@ def keep_policy_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     log_eps = math.log(eps)
 
     width = _head_width(head_dims, 2, query.device)
-    ones = query.new_ones(batch, heads, num_tokens)
-    dropped_logit = torch.where(kept, 0.0, _DROPPED_KEY_CHANNEL).to(dtype).unsqueeze(1).expand(-1, heads, -1)
+    dropped_logit = torch.where(kept, 0.0, _DROPPED_KEY_CHANNEL).unsqueeze(1).expand(-1, heads, -1)
     # query [q, (M + log eps) / scale, 1]; key [k, 0, dropped]; virtual key [0, 1, 0]
-    wide_query = _widen(query, (max_logit + log_eps) / scale, ones, width=width)
-    wide_key = _widen(key, torch.zeros_like(ones), dropped_logit, width=width)
+    wide_query = _widen(query, (max_logit + log_eps) / scale, torch.ones_like(max_logit), width=width)
     virtual_key = query.new_zeros(batch, heads, 1, width)
     virtual_key[..., head_dims] = 1.0
+    wide_key = _widen(key, torch.zeros_like(max_logit), dropped_logit, width=width, extra_row=virtual_key)
     # value [v, 0]; virtual value [mean(V), weight scale]
-    mean_value = value.mean(dim=2, keepdim=True).to(value.dtype)
-    wide_value = _widen(value, torch.zeros_like(ones), width=width)
+    mean_value = value.mean(dim=2, keepdim=True)
     virtual_value = _widen(mean_value, mean_value.new_full(mean_value.shape[:-1], _VIRTUAL_WEIGHT_SCALE), width=width)
-    attended = F.scaled_dot_product_attention(wide_query, torch.cat([wide_key, virtual_key], 2),
-                                              torch.cat([wide_value, virtual_value], 2), scale=scale)
+    wide_value = _widen(value, width=width, extra_row=virtual_value)
+    attended = F.scaled_dot_product_attention(wide_query, wide_key, wide_value, scale=scale)
     # the virtual key's weight eps / (Z_i + eps), Z_i over the kept keys
     virtual_weight = attended[..., head_dims].to(f32) / _VIRTUAL_WEIGHT_SCALE
     # a dropped query's own term, relative to that normaliser: exp(s_ii - M_i) / (Z_i + eps)
