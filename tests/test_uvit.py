@@ -191,7 +191,9 @@ def test_uvit_backbone_in_mmseg_upernet():
         sample.set_metainfo(dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128)))
         samples.append(sample)
     with torch.no_grad():
-        features = model.backbone(torch.randn(1, 3, 128, 128))
+        feature, = model.backbone(torch.randn(1, 3, 128, 128))  # one stride-16 map
+        features = model.neck((feature, ))  # SimpleFeaturePyramid
+    assert tuple(feature.shape) == (1, 512, 8, 8)
     assert [tuple(f.shape[-2:]) for f in features] == [(32, 32), (16, 16), (8, 8), (4, 4)]
     data = dict(inputs=[torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8) for _ in samples],
                 data_samples=samples)
@@ -309,3 +311,34 @@ def test_diffusion_configs_build(path):
     assert sum(p.numel() for p in network.parameters()) / 1e6 == pytest.approx(official, abs=0.01)
     assert (model.schedule_kind == 'discrete') == ('huge' in path.stem)
     assert model.p_uncond == (0.0 if network.num_classes in (0, 1000) else (0.1 if 'huge' in path.stem else 0.15))
+
+
+@pytest.mark.parametrize('order', [1, 2, 3])
+@pytest.mark.parametrize('data_prediction', [False, True])
+@pytest.mark.parametrize('steps', [10, 20])
+def test_dpm_solver_equals_diffusers_multistep_scheduler(order, data_prediction, steps):
+    """Our solver and diffusers' DPMSolverMultistepScheduler on the same noise-prediction function, schedule (Stable
+    Diffusion's scaled-linear), time grid, orders and step counts give the same samples."""
+    from diffusers import DPMSolverMultistepScheduler
+    scheduler = DPMSolverMultistepScheduler(
+        beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        solver_order=order, algorithm_type='dpmsolver++' if data_prediction else 'dpmsolver',
+        solver_type='midpoint', final_sigmas_type='sigma_min', timestep_spacing='linspace')
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 4, generator=generator, dtype=torch.float64) / 2
+
+    def noise_at_step(x, step):  # a smooth stand-in for a network, given diffusers' 0-based training step
+        return torch.tanh(torch.einsum('bchw,cd->bdhw', x, weight) + step.view(-1, 1, 1, 1) / 1000.0)
+
+    x = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    theirs = x.clone()
+    for step in scheduler.timesteps:
+        eps = noise_at_step(theirs, torch.full((2, ), float(step), dtype=torch.float64))
+        theirs = scheduler.step(eps, step, theirs).prev_sample
+    schedule = DiscreteSchedule()
+    # diffusers' step k is our t = (k + 1) / 1000; its last update goes to step 0 (final_sigmas_type='sigma_min')
+    times = torch.tensor([*(scheduler.timesteps.double() + 1), 1.0]) / 1000
+    ours = dpm_solver_sample(lambda x_t, t: noise_at_step(x_t, (t * 1000).round() - 1), x, schedule, order=order,
+                             data_prediction=data_prediction, times=times)
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-5

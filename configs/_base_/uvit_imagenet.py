@@ -3,7 +3,7 @@
 _base_ = ['./uvit_runtime.py']
 model = dict(
     type='UViTDiffusion',
-    network=dict(type='UViT', use_checkpoint=True),
+    network=dict(type='UViT', with_cp=True),
     schedule='continuous')
 image_size = 256
 train_pipeline = [

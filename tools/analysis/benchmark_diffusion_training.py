@@ -82,7 +82,7 @@ def benchmark_diffusion_training(model, args):
     def prepare(backend, checkpointing):
         def run():
             network.set_attention(backend)
-            network.use_checkpoint = checkpointing
+            network.with_cp = checkpointing
             return step
         return run
 

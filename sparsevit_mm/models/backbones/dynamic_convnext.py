@@ -56,7 +56,8 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
         x = self.pointwise_conv2(self.act(self.pointwise_conv1(x)))
         return x * self.gamma if self.gamma is not None else x
 
-    def fast(self, tokens: torch.Tensor) -> torch.Tensor:
+    def scaled_fast_path(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The fast path with its own layer scale (ConvNeXt's; Swin's fast path has none)."""
         return self.fast_path(tokens) * self.fast_path_gamma
 
     def forward(self, x: torch.Tensor, routing: Optional[SlowFastRouting] = None) -> torch.Tensor:
@@ -68,7 +69,7 @@ class DynamicConvNeXtBlock(ConvNeXtBlock):
             # (B, N, C) views of channels-last maps (the whole network runs channels-last): no transposing copies
             tokens = self.depthwise_conv(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             residual = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            x = routing.residual_update(residual, tokens, self.slow_path, self.fast, self.drop_path)
+            x = routing.residual_update(residual, tokens, self.slow_path, self.scaled_fast_path, self.drop_path)
             return x.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
         if self.with_cp and x.requires_grad:

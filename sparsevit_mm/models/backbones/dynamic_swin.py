@@ -43,7 +43,7 @@ class DynamicSwinBlock(SwinBlock):
         if with_fast_path:
             self.fast_path = nn.Sequential(nn.LayerNorm(embed_dims), nn.Linear(embed_dims, embed_dims))
 
-    def slow(self, tokens: torch.Tensor) -> torch.Tensor:
+    def slow_path(self, tokens: torch.Tensor) -> torch.Tensor:
         """The block's MLP branch without its residual: ``norm2 -> ffn``."""
         return self.ffn.gamma2(self.ffn.layers(self.norm2(tokens)))
 
@@ -94,7 +94,7 @@ class DynamicSwinBlock(SwinBlock):
             x = x + self.window_attention(self.norm1(x), hw_shape, shift)
             if routing is None:
                 return self.ffn(self.norm2(x), identity=x)
-            return routing.residual_update(x, x, self.slow, self.fast_path, self.ffn.dropout_layer)
+            return routing.residual_update(x, x, self.slow_path, self.fast_path, self.ffn.dropout_layer)
 
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(inner, x, use_reentrant=False)

@@ -97,7 +97,7 @@ class UViT(CheckpointLayoutMixin, BaseModule):
             guidance (ImageNet: 1001, label 1000 is null); 0 for an unconditional model.
         conv: the final 3x3 convolution (the official Huge models have none; default: per arch).
         mlp_time_embed: an MLP on the time embedding (off in every official config).
-        use_checkpoint: gradient checkpointing of every block.
+        with_cp: gradient checkpointing of every block.
         attention: 'sdpa' (default; flash / memory-efficient on GPU), 'xformers' (optional, CUDA) or 'math'.
     """
     arch_zoo = {
@@ -109,7 +109,7 @@ class UViT(CheckpointLayoutMixin, BaseModule):
 
     def __init__(self, arch='small', img_size: int = 32, patch_size: int = 2, in_channels: int = 3,
                  num_classes: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = False, conv: Optional[bool] = None,
-                 mlp_time_embed: bool = False, use_checkpoint: bool = False, attention: str = 'sdpa',
+                 mlp_time_embed: bool = False, with_cp: bool = False, attention: str = 'sdpa',
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         arch = resolve_arch('UViT', arch, self.arch_zoo, required=('embed_dims', 'depth', 'num_heads'),
@@ -119,7 +119,7 @@ class UViT(CheckpointLayoutMixin, BaseModule):
         dims = self.embed_dims = arch['embed_dims']
         self.img_size, self.patch_size, self.in_channels = img_size, patch_size, in_channels
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
+        self.with_cp = with_cp
         # (B, C, H, W) -> (B, H * W / p^2, D); sizes are checked by check_inputs / UViTBackbone
         self.patch_embed = PatchEmbed(img_size, patch_size, in_channels, dims, strict_img_size=False)
         num_patches = (img_size // patch_size) ** 2
@@ -164,7 +164,7 @@ class UViT(CheckpointLayoutMixin, BaseModule):
             raise ValueError('this UViT is unconditional (num_classes=0); it takes no labels')
 
     def _block(self, block: UViTBlock, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.use_checkpoint and x.requires_grad:
+        if self.with_cp and x.requires_grad:
             return cp.checkpoint(block, x, skip, use_reentrant=False)
         return block(x, skip)
 
@@ -204,43 +204,35 @@ class UViT(CheckpointLayoutMixin, BaseModule):
 
 
 class UViTBackbone(CheckpointLayoutMixin, BaseModule):
-    """U-ViT as a dense-prediction backbone (mmseg): images -> a simple 4-level feature pyramid.
+    """U-ViT as a dense-prediction backbone (mmseg): images (B, 3, H, W) -> one (B, C, H / p, W / p) map, in a tuple.
 
     The transformer sees RGB patches with the time token at a fixed timestep and no label; its final tokens form a
-    single-scale map at stride ``patch_size``, turned into strides 4 / 8 / 16 / 32 (for patch 16) by two transposed
-    convolutions, one transposed convolution, identity and max pooling (ViTDet's simple pyramid).
+    single-scale map at stride ``patch_size``. A neck makes the pyramid a decode head wants, as for any plain ViT:
+    :class:`~sparsevit_mm.models.SimpleFeaturePyramid` (scale factors 4, 2, 1, 0.5: strides 4-32 for patch 16; the
+    shipped UperNet config).
 
     Args:
-        arch / patch_size / attention / use_checkpoint: as :class:`UViT`.
+        arch / patch_size / attention / with_cp: as :class:`UViT`.
         img_size: the training crop; other sizes resize the position embedding.
         timestep: the fixed timestep of the time token.
         init_cfg: ``dict(type='Pretrained', checkpoint=...)`` with a U-ViT checkpoint (official or ours) loads the
-            transformer; the pyramid starts fresh.
+            transformer.
     """
 
     def __init__(self, arch='small', img_size: int = 512, patch_size: int = 16, timestep: float = 0.0,
-                 attention: str = 'sdpa', use_checkpoint: bool = False, init_cfg=None):
+                 attention: str = 'sdpa', with_cp: bool = False, init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         self.uvit = UViT(arch, img_size, patch_size, 3, num_classes=0, conv=False, attention=attention,
-                         use_checkpoint=use_checkpoint)
+                         with_cp=with_cp)
         self.timestep = timestep
-        dims = self.uvit.embed_dims
-        self.embed_dims = dims
-        self.pyramid = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(dims, dims, 2, 2), nn.GroupNorm(32, dims), nn.GELU(),
-                          nn.ConvTranspose2d(dims, dims, 2, 2)),
-            nn.ConvTranspose2d(dims, dims, 2, 2),
-            nn.Identity(),
-            nn.MaxPool2d(2),
-        ])
+        self.embed_dims = self.uvit.embed_dims
 
-    # A diffusion checkpoint brings the transformer blocks only (its patch embedding, head and size are its own);
-    # the pyramid starts fresh.
-    optional_checkpoint_groups = (r'^uvit\.(patch_embed|pos_embed|norm|decoder_pred|final_layer)\.', r'^pyramid\.')
+    # A diffusion checkpoint brings the transformer blocks only (its patch embedding, head and size are its own).
+    optional_checkpoint_groups = (r'^uvit\.(patch_embed|pos_embed|norm|decoder_pred|final_layer)\.', )
 
     def convert_checkpoint(self, state_dict, checkpoint=None):
         """A U-ViT diffusion checkpoint (ours: ``network.*``; official: plain) -> ``uvit.`` blocks; ours unchanged."""
-        if any(k.startswith(('uvit.', 'pyramid.')) for k in state_dict):
+        if any(k.startswith('uvit.') for k in state_dict):
             return dict(state_dict)
         network = {k[len('network.'):]: v for k, v in state_dict.items() if k.startswith('network.')} or state_dict
         return {f'uvit.{k}': v for k, v in network.items()
@@ -272,8 +264,7 @@ class UViTBackbone(CheckpointLayoutMixin, BaseModule):
             patches = F.interpolate(patches, size=grid, mode='bicubic', align_corners=False)
             pos_embed = torch.cat([pos_embed[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
         x = uvit.run_blocks(torch.cat([time_token, x], dim=1) + pos_embed)
-        feature = x[:, 1:].transpose(1, 2).reshape(images.shape[0], -1, *grid)
-        return tuple(level(feature) for level in self.pyramid)
+        return (x[:, 1:].transpose(1, 2).reshape(images.shape[0], -1, *grid), )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

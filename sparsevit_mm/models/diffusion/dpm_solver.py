@@ -5,7 +5,7 @@ Lu et al., "DPM-Solver" (NeurIPS 2022) and "DPM-Solver++" (2022). Written agains
 VP-SDE and the discrete Stable Diffusion schedule. The first steps warm up with lower orders (a multistep method
 needs earlier model outputs), and with fewer than 15 steps the last steps lower the order again for stability.
 """
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -65,19 +65,27 @@ def _update(schedule, x: torch.Tensor, outputs: List[torch.Tensor], times: List[
 
 @torch.no_grad()
 def dpm_solver_sample(noise_fn: ModelFn, x: torch.Tensor, schedule, steps: int = 50, order: int = 3,
-                      data_prediction: bool = False, spacing: str = 'logSNR', progress: bool = False) -> torch.Tensor:
+                      data_prediction: bool = False, spacing: str = 'logSNR', progress: bool = False,
+                      times: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Solve the diffusion ODE from noise ``x`` (at t = T) to data with ``steps`` model evaluations.
 
     Args:
         noise_fn: ``(x_t, t) -> predicted noise``; ``t`` is a (B,) tensor of schedule times in (0, 1].
         data_prediction: DPM-Solver++ (the solver works on the predicted x_0; U-ViT's discrete models) instead of
             DPM-Solver (on the predicted noise; continuous models).
+        times: an explicit grid of ``steps + 1`` decreasing schedule times (e.g. another sampler's), in place of
+            ``spacing``'s.
     """
     if order not in (1, 2, 3):
         raise ValueError(f'DPM-Solver order must be 1, 2 or 3, got {order}')
+    if times is not None:
+        times = torch.as_tensor(times, dtype=torch.float64)
+        if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
+            raise ValueError(f'times must be a decreasing 1-D grid of at least 2 schedule times, got {times}')
+        steps = len(times) - 1
     if steps < 1:
         raise ValueError(f'steps must be >= 1, got {steps}')
-    times = time_steps(schedule, steps, spacing).to(x.device)
+    times = (time_steps(schedule, steps, spacing) if times is None else times).to(x.device)
 
     def model(x_t, t):
         t_batch = t.expand(x_t.shape[0]).to(x_t.dtype)
