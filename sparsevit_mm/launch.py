@@ -23,7 +23,7 @@ def enable_amp(cfg: Config):
         return
     if not torch.cuda.is_available():
         raise ValueError('--amp needs a CUDA device (mmengine\'s AmpOptimWrapper runs on GPU / NPU / MLU only); '
-                           'drop --amp to train in float32 on this machine')
+                         'drop --amp to train in float32 on this machine')
     optim_wrapper.type = 'AmpOptimWrapper'
     optim_wrapper.setdefault('loss_scale', 'dynamic')
 

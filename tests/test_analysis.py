@@ -96,3 +96,45 @@ def test_each_benchmark_refuses_models_it_does_not_time():
     early_exit = load_tool('tools/analysis/benchmark_early_exit.py')
     with pytest.raises(SystemExit, match='times DVT\'s early exit .* builds DynamicViTClassifier'):
         early_exit.main(['configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py', '--batch-size', '1'])
+
+
+# ------------------------------------------------------------------------------------------------ training steps
+@pytest.mark.parametrize('config, size', [
+    ('configs/dynamicvit/mask-rcnn_dynamicvit-deit-small-r0.7_simple-fpn_1x_coco.py', (800, 1333)),
+    ('configs/dynamicvit/segmenter_dynamicvit-deit-small-r0.7_mask_8xb1-160k_ade20k-512x512.py', (512, 512)),
+    ('configs/dynamicvit/upernet_dynamicvit-deit-small-r0.7_mln_8xb2-160k_ade20k-512x512.py', (512, 512)),
+    ('configs/dynamicvit/dynamicvit-deit-small_r0.7_8xb128-30e_in1k.py', (224, 224)),
+    ('configs/dynamic_swin/mask-rcnn_dynamic-swin-t-r0.7_fpn_ms-crop-3x_coco.py', (800, 1333)),
+])
+def test_training_size_is_read_off_the_config(config, size):
+    from sparsevit_mm.utils.config import load_config
+    cfg = load_config(config)
+    framework = 'mmdet' if 'rcnn' in config else 'mmseg' if 'ade20k' in config else None
+    assert measure.train_size(cfg, framework) == size
+
+
+def test_the_training_benchmark_reads_no_weight_file():
+    cfg = dict(type='A', pretrained='x.pth', backbone=dict(type='B', init_cfg=dict(type='Pretrained', checkpoint='y')),
+               neck=[dict(type='C', init_cfg=[dict(type='Normal'), dict(type='Pretrained', checkpoint='z')])],
+               head=dict(type='D', init_cfg=dict(type='Normal', std=0.01)))
+    stripped = benchmark.without_weight_files(cfg)
+    assert stripped['pretrained'] is None and 'init_cfg' not in stripped['backbone']
+    assert 'init_cfg' not in stripped['neck'][0] and stripped['head']['init_cfg'] == dict(type='Normal', std=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['detector', 'segmentor'])
+def test_training_benchmark_times_and_measures_both_settings(tmp_path, kind):
+    from .helpers import make_ade, make_coco, vit_detection_config, vit_segmentation_config
+    if kind == 'detector':
+        text = vit_detection_config(make_coco(tmp_path / 'data', num_images=1), tmp_path / 'work')
+    else:
+        text = vit_segmentation_config('segmenter', make_ade(tmp_path / 'data', num_images=1), tmp_path / 'work')
+    config = tmp_path / 'model.py'
+    config.write_text(text)
+    table = benchmark.main([str(config), '--train', '--shape', '64', '96', '--rounds', '1', '--iters', '1',
+                            '--warmup', '0'])
+    assert sorted(table) == [0.7, 1.0]
+    for row in table.values():  # the config's batch (2), a peak measured in a child process for each setting
+        assert row['seconds_per_step'] > 0 and row['peak_mib'] > 0 and row['before_mib'] > 100
+    assert table[1.0]['time_ratio'] == 1.0 and table[1.0]['peak_ratio'] == 1.0

@@ -215,7 +215,8 @@ def test_out_indices_past_the_last_block_is_refused():
 @pytest.mark.slow
 def test_tools_train_the_shipped_segmenter_at_640_in_bounded_memory(tmp_path):
     """One iteration of the shipped Segmenter DeiT-S config at 640 x 640 crops (1,601 tokens), batch 2: the direct
-    keep-policy formula held about 1.6 GiB of (B, H, N, N) tensors per image here (the run peaked at 7.7 GiB, 4.5 now)."""
+    keep-policy formula held about 1.6 GiB of (B, H, N, N) tensors per image here (the run peaked at 7.7 GiB, 4.5
+    now)."""
     ade = make_ade(tmp_path / 'ade', num_images=2, size=640)
     config = tmp_path / 'segmenter_640.py'
     config.write_text(f"""

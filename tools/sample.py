@@ -51,7 +51,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cuda or cpu (default: cuda when available)')
     parser.add_argument('--no-ema', action='store_true', help='use the online weights, not the EMA ones')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
     for name in ('num', 'batch_size'):
         if getattr(args, name) < 1:

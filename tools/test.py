@@ -12,14 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
-from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 from mmengine.config import DictAction  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, build_runner, common_dataloader_defaults,  # noqa: E402
-                                 distributed_run, setup_launcher)
+                                 distributed_run, one_line_errors, setup_launcher)
 from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 

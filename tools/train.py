@@ -10,7 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tools._quiet  # noqa: E402,F401  (before the frameworks: their deprecation warnings)
-from sparsevit_mm.launch import one_line_errors  # noqa: E402
 
 from mmengine.config import DictAction  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
@@ -18,7 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 import sparsevit_mm  # noqa: E402,F401  (registers our models)
 from sparsevit_mm.launch import (add_checkpoint_layout_hook, add_keep_ratio_loss_hook,  # noqa: E402
                                  add_random_state_hook, build_runner, common_dataloader_defaults, distributed_run,
-                                 enable_amp, parse_resume, setup_launcher)
+                                 enable_amp, one_line_errors, parse_resume, setup_launcher)
 from sparsevit_mm.utils.config import load_config  # noqa: E402
 
 

@@ -96,7 +96,8 @@ def main(argv=None):
     parser.add_argument('--out', default='tokens.png', help='the figure to write')
     parser.add_argument('--keep-ratio', type=float, default=None, help='override the config\'s keep ratio')
     parser.add_argument('--score-threshold', type=float, default=0.3, help='detections shown in the title')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
 
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)

@@ -261,7 +261,8 @@ def add_measurement_arguments(parser, batch_size: Optional[int] = 32):
     parser.add_argument('--threads', type=at_least(1), default=None, help='torch CPU threads')
     parser.add_argument('--system-allocator', action='store_true',
                         help='CPU: leave glibc malloc as it is (freed activations go back to the system)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser
 
 

@@ -499,8 +499,8 @@ def time_breakdown(model, backbone, forward, images, ratios, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------- training steps
 def without_weight_files(node):
-    """A model config that reads no weight file: every ``init_cfg`` of type ``Pretrained`` and ``pretrained``
-    dropped, and the distillation teacher's checkpoint too (time and memory do not depend on the weights)."""
+    """A model config that reads no weight file (time and memory do not depend on the weights): every ``init_cfg``
+    of type ``Pretrained`` dropped and every ``pretrained`` set to None, at any depth."""
     if isinstance(node, (list, tuple)):
         return type(node)(without_weight_files(item) for item in node)
     if not isinstance(node, dict):
@@ -510,11 +510,7 @@ def without_weight_files(node):
         configs = value if isinstance(value, (list, tuple)) else [value]
         if key == 'init_cfg' and any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in configs):
             continue
-        if key == 'pretrained' or (key == 'checkpoint' and 'model' not in node and 'config' not in node
-                                   and node.get('type') is None):
-            out[key] = None
-            continue
-        out[key] = without_weight_files(value)
+        out[key] = None if key == 'pretrained' else without_weight_files(value)
     return ConfigDict(out)
 
 
@@ -523,7 +519,7 @@ def training_model(args, cfg):
     segmentor's losses as tools/train.py adds it."""
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     model_cfg = runner_model_config(cfg)
-    if isinstance(model_cfg.get('teacher'), dict):
+    if isinstance(model_cfg.get('teacher'), dict):  # the distillation teacher's weights: random as well
         model_cfg.teacher = dict(model_cfg.teacher, checkpoint=None)
     model = MODELS.build(without_weight_files(model_cfg))
     model.init_weights()

@@ -70,7 +70,8 @@ def main(argv=None):
     parser.add_argument('--val-samples', type=int, default=0, help='validation images (0 = all)')
     parser.add_argument('--budgets', type=float, nargs='*', default=[], help='GFLOPs budgets to report')
     parser.add_argument('--out', help='save the model with the fitted threshold table here')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     args = parser.parse_args(argv)
 
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)

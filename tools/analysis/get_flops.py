@@ -29,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument('--keep-ratios', type=float, nargs='+', default=None,
                         help='keep ratios to compare (default: 1.0 and the config\'s)')
     parser.add_argument('--backbone-only', action='store_true', help='count the backbone alone')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser.parse_args(argv)
 
 

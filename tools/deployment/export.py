@@ -54,7 +54,8 @@ def parse_args(argv=None):
     parser.add_argument('--atol', type=float, default=1e-4,
                         help='absolute tolerance of the check against eager (fails above atol + rtol * max |eager|)')
     parser.add_argument('--rtol', type=float, default=1e-4, help='relative tolerance of that check')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, e.g. model.backbone.keep_ratio=0.5')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.keep_ratio=0.5')
     return parser.parse_args(argv)
 
 
