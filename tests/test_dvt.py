@@ -3,11 +3,13 @@ import re
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 
 from sparsevit_mm.models import DVT
 from sparsevit_mm.models.classifiers.dvt import exit_fraction_targets, fit_thresholds, official_dvt_to_ours
+from sparsevit_mm.models.teacher import FrozenTeacher
 
-from .helpers import TINY_DVT, dvt_config, make_imagenet_folder, run_tool
+from .helpers import TINY_ARCH, TINY_DVT, dvt_config, make_imagenet_folder, run_tool
 from .reference.official_dvt import official_dvt_forward, official_dvt_state_dict
 
 
@@ -213,3 +215,14 @@ def test_get_flops_reports_each_exit():
     out = run_tool('tools/analysis/get_flops.py', 'configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py')
     costs = [float(x) for x in re.findall(r'^\s+\d \|\s+\d+\^2 \|\s+([\d.]+) \|', out.stdout, re.M)]
     assert costs == pytest.approx([0.47, 1.45, 3.46], rel=0.03)  # torch's FLOP counter on the official modules
+
+
+def test_builds_under_another_frameworks_default_scope():
+    """An mmseg or mmdet run makes its own scope the default; DVT's and the teacher's mmpretrain parts still build."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = DVT(arch=TINY_DVT, num_classes=5)
+        teacher = FrozenTeacher(model=dict(type='ImageClassifier', backbone=dict(type='DynamicViT', arch=TINY_ARCH,
+                                                                                 img_size=32, patch_size=8),
+                                           head=dict(type='LinearClsHead', num_classes=2, in_channels=64)))
+    assert type(model.data_preprocessor).__name__ == 'ClsDataPreprocessor'
+    assert type(teacher.model).__name__ == 'ImageClassifier'

@@ -41,8 +41,10 @@ class FrozenTeacher:
                              f'(a model dict); got config={config!r}, model={model!r}')
         if config is not None:
             model = read_config(config).model
+        from mmengine.registry import DefaultScope
         from mmpretrain.registry import MODELS
-        self.model: nn.Module = MODELS.build(ConfigDict(model) if isinstance(model, dict) else model)
+        with DefaultScope.overwrite_default_scope('mmpretrain'):  # whichever scope a run has made the default
+            self.model: nn.Module = MODELS.build(ConfigDict(model) if isinstance(model, dict) else model)
         self.model.requires_grad_(False).eval()
         self.checkpoint = checkpoint
         self.token_layer = token_layer

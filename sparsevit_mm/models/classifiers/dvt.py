@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.registry import DefaultScope
 from mmpretrain.models.classifiers.base import BaseClassifier
 from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 from mmpretrain.structures import DataSample
@@ -185,7 +186,11 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
         data_preprocessor = dict(data_preprocessor or {})
         data_preprocessor.setdefault('type', 'ClsDataPreprocessor')
         data_preprocessor.setdefault('batch_augments', train_cfg)
-        super().__init__(init_cfg=init_cfg, data_preprocessor=PRETRAIN_MODELS.build(data_preprocessor))
+        # mmpretrain's parts, whichever framework's scope is the default (an mmseg or mmdet run may have set it)
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            data_preprocessor = PRETRAIN_MODELS.build(data_preprocessor)
+            loss = loss if isinstance(loss, nn.Module) else PRETRAIN_MODELS.build(loss)
+        super().__init__(init_cfg=init_cfg, data_preprocessor=data_preprocessor)
         self.arch_name = arch if isinstance(arch, str) else 'custom'
         self.arch = resolve_arch('DVT', arch, self.arch_zoo,
                                  required=('embed_dims', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'tokenizer'))
@@ -195,7 +200,7 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
             for k, grid in enumerate(self.grids))
         self.heads = nn.ModuleList(nn.Linear(self.arch['embed_dims'], num_classes) for _ in self.grids)
         self.num_classes = num_classes
-        self.loss_module = loss if isinstance(loss, nn.Module) else PRETRAIN_MODELS.build(loss)
+        self.loss_module = loss
         unknown = sorted(set(test_cfg or {}) - {'mode'})
         if unknown:
             raise ValueError(f"DVT test_cfg takes only 'mode' ('early_exit' or 'anytime'), got {unknown}")
