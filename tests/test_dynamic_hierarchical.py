@@ -9,7 +9,7 @@ from sparsevit_mm.models import DynamicConvNeXt, DynamicSwinTransformer
 from sparsevit_mm.models.backbones.dynamic_convnext import (DynamicConvNeXtBlock, convnext_to_backbone,
                                                             infer_convnext_kwargs)
 from sparsevit_mm.models.backbones.dynamic_swin import DynamicSwinBlock, infer_swin_kwargs, swin_to_backbone
-from sparsevit_mm.utils import CheckpointMismatchError
+from sparsevit_mm.utils import CheckpointMismatchError, load_weights
 
 from .reference.official_hierarchical import (official_convnext_forward, official_swin_forward,
                                               random_official_convnext, random_official_swin)
@@ -28,7 +28,7 @@ def test_swin_keep_ratio_one_equals_mmdet_swin(shape):
     reference.init_weights()
     reference.eval()
     model = DynamicSwinTransformer(arch='tiny', keep_ratio=1.0, drop_path_rate=0.0)
-    model.load_checked(reference.state_dict())
+    load_weights(model, reference.state_dict())
     model.eval()
     images = torch.randn(2, 3, *shape)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_convnext_keep_ratio_one_equals_mmpretrain_convnext(shape):
     reference.init_weights()
     reference.eval()
     model = DynamicConvNeXt(keep_ratio=1.0, **kwargs)
-    model.load_checked(reference.state_dict())
+    load_weights(model, reference.state_dict())
     model.eval()
     images = torch.randn(2, 3, *shape)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_official_dynamic_swin_checkpoint_reproduces_official_outputs(batch, rat
     sd = random_official_swin(**SMALL_SWIN, num_classes=5)
     model = DynamicSwinTransformer(arch=SMALL_SWIN, keep_ratio=rate, prune_layers=[1, 2, 3], out_indices=(3, ),
                                    drop_path_rate=0.0, pad_small_map=False)
-    model.load_checked(swin_to_backbone(sd, model.out_indices))
+    load_weights(model, swin_to_backbone(sd, model.out_indices))
     model.eval()
     images = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_official_dynamic_swin_checkpoint_reproduces_official_outputs(batch, rat
 def test_official_dynamic_cnn_checkpoint_reproduces_official_outputs(batch):
     sd = random_official_convnext(**SMALL_CONVNEXT, num_classes=5)
     model = DynamicConvNeXt(arch=SMALL_CONVNEXT, keep_ratio=0.7, prune_layers=[1, 2, 3])
-    model.load_checked(convnext_to_backbone(sd, model.out_indices))
+    load_weights(model, convnext_to_backbone(sd, model.out_indices))
     model.eval()
     images = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
@@ -162,6 +162,27 @@ def test_pretrained_from_dense_official_checkpoints_and_errors(tmp_path):
     model = DynamicConvNeXt(arch=SMALL_CONVNEXT, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'convnext.pth')))
     with pytest.raises(CheckpointMismatchError, match=r'stages\.1\.0\.pointwise_conv1\.weight'):
         model.init_weights()
+
+
+def test_one_initialisation_rule(tmp_path):
+    """Every model of ours initialises alike (CheckpointLayoutMixin.init_weights): the family's own init, init_cfg's
+    other initialisers over it, the children's own init_weights, then a Pretrained checkpoint, whatever it lacks
+    keeping what came before."""
+    torch.save({'model': random_official_swin(**SMALL_SWIN, predictors=False)}, tmp_path / 'swin.pth')
+    init_cfg = [dict(type='Constant', layer='Linear', val=0.25, bias=0.),
+                dict(type='Pretrained', checkpoint=str(tmp_path / 'swin.pth'))]
+    model = DynamicSwinTransformer(arch=SMALL_SWIN, init_cfg=init_cfg)
+    model.init_weights()
+    sd = torch.load(tmp_path / 'swin.pth')['model']
+    assert torch.equal(model.stages[2].blocks[3].attn.w_msa.qkv.weight, sd['layers.2.blocks.3.attn.qkv.weight'])
+    assert (model.score_predictors[0].in_proj.weight == 0.25).all()  # not in the checkpoint: the user's init
+    assert (model.score_predictors[0].in_proj.bias == 0).all()
+    scratch = DynamicSwinTransformer(arch=SMALL_SWIN)
+    scratch.init_weights()
+    table = scratch.stages[0].blocks[0].attn.w_msa.relative_position_bias_table
+    assert 0.01 < table.std() < 0.03, 'the attention modules\' own init_weights ran (truncated normal, std 0.02)'
+    assert abs(scratch.stages[2].blocks[1].ffn.layers[0][0].weight.std() - 0.02) < 0.005  # the family's init
+    assert scratch.is_init and model.is_init
 
 
 def test_mmdet_style_checkpoint_with_prefix(tmp_path):

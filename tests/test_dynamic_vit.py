@@ -5,7 +5,7 @@ import torch
 
 from sparsevit_mm.models import DynamicViT
 from sparsevit_mm.models.backbones.dynamic_vit import infer_backbone_kwargs, split_official, to_backbone_state_dict
-from sparsevit_mm.utils import CheckpointMismatchError
+from sparsevit_mm.utils import CheckpointMismatchError, load_weights
 
 from .reference.official_vit import official_forward, random_official_state_dict
 
@@ -36,7 +36,7 @@ def test_keep_ratio_one_equals_timm_deit_small():
     torch.manual_seed(0)
     reference = timm.create_model('deit_small_patch16_224', pretrained=False).eval()
     model = DynamicViT(arch='deit-small', keep_ratio=1.0, out_type='raw').eval()
-    model.load_checked(to_backbone_state_dict(reference.state_dict()))
+    load_weights(model, to_backbone_state_dict(reference.state_dict()))
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = reference.forward_features(images)
@@ -57,7 +57,7 @@ def test_official_checkpoint_reproduces_official_outputs(lvvit, batch):
                                  qkv_bias=not lvvit, stem='conv' if lvvit else 'patch',
                                  residual_scale=2.0 if lvvit else 1.0),
                        prune_layers=loc, keep_ratio=0.7, out_type='raw').eval()
-    model.load_checked(to_backbone_state_dict(sd))
+    load_weights(model, to_backbone_state_dict(sd))
     images = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
         tokens = model(images)[0]

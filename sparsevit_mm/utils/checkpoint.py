@@ -176,7 +176,8 @@ def select_prefix(state_dict: StateDict, prefix: Optional[str], source: str = 't
 
 # --------------------------------------------------------------------------------------------- layouts and fit
 class CheckpointLayoutMixin:
-    """For our ``nn.Module`` classes: whatever is loaded into them is converted to their layout and must fit.
+    """For our ``BaseModule`` classes: whatever is loaded into them is converted to their layout and must fit, and
+    they all initialise by one rule (:meth:`init_weights`).
 
     Subclasses define ``convert_checkpoint(state_dict, checkpoint=None)`` (their own keys, no prefix, from any
     layout they support; ``checkpoint`` is the whole file's dict when the caller has it) and
@@ -192,10 +193,46 @@ class CheckpointLayoutMixin:
     """
     optional_checkpoint_groups: Tuple[str, ...] = ()
     resizable_checkpoint_keys: Tuple[str, ...] = ()
+    # Model keys (regular expressions) that a ``Pretrained`` init_cfg may lack as a whole besides the optional groups
+    # (a classifier initialised from a backbone-only checkpoint keeps its head's initialisation).
+    pretrained_may_lack: Tuple[str, ...] = ()
+    # mmengine initialisers of the family's initialisation from scratch (or override ``default_init``)
+    default_init_cfg: Tuple[dict, ...] = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_load_state_dict_pre_hook(adopt_and_check_layout)
+
+    def default_init(self):
+        """This module's own initialisation from scratch; its children's ``init_weights`` run after it."""
+        if self.default_init_cfg:
+            from mmengine.model import initialize
+            initialize(self, [dict(cfg) for cfg in self.default_init_cfg])
+
+    def init_weights(self):
+        """The one initialisation rule of our models: mmengine's order, with the checkpoint read our way.
+
+        1. ``default_init()``: the family's initialisation from scratch (whatever a checkpoint lacks keeps it);
+        2. the initialisers ``init_cfg`` names besides ``Pretrained`` (mmengine's ``initialize``);
+        3. each child's own ``init_weights`` (heads, necks, nested models), as mmengine's ``BaseModule`` does;
+        4. a ``Pretrained`` entry through :func:`load_weights`: read by :func:`load_checkpoint_file`, converted from
+           its layout and loaded strictly, except for the optional groups and ``pretrained_may_lack``; a misfit
+           raises :class:`CheckpointMismatchError` naming the file and the keys.
+        """
+        from mmengine.model import initialize
+        from mmengine.model.weight_init import PretrainedInit
+        cfgs = [] if self.init_cfg is None else \
+            list(self.init_cfg) if isinstance(self.init_cfg, (list, tuple)) else [self.init_cfg]
+        pretrained = [cfg for cfg in cfgs if cfg.get('type') in ('Pretrained', PretrainedInit)]
+        self.default_init()
+        if len(pretrained) < len(cfgs):
+            initialize(self, [cfg for cfg in cfgs if cfg not in pretrained])
+        for child in self.children():
+            if hasattr(child, 'init_weights') and not getattr(child, 'is_init', False):
+                child.init_weights()
+        for cfg in pretrained:
+            load_weights(self, cfg['checkpoint'], cfg.get('prefix'), allow_absent=self.pretrained_may_lack)
+        self._is_init = True
 
     def convert_checkpoint(self, state_dict: StateDict, checkpoint: Optional[dict] = None) -> StateDict:
         return dict(state_dict)

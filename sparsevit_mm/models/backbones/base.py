@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...layers import SlowFastRouting, num_kept, sample_keep_decision, split_by_score, stage_keep_ratios
 from ...utils.arch import resolve_arch
-from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, StateDict
 
 
 @dataclass
@@ -48,10 +48,10 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
     :class:`~sparsevit_mm.utils.CheckpointLayoutMixin`, which converts and checks whatever is loaded into the
     backbone, by any loader.
 
-    ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None)`` is handled here instead of by mmengine's
-    non-strict loader: the checkpoint is converted from whatever layout it has, and a checkpoint that does not fit
-    raises :class:`~sparsevit_mm.utils.CheckpointMismatchError` naming the file and the missing, unexpected and
-    mis-shaped keys.
+    ``init_cfg=dict(type='Pretrained', checkpoint=PATH, prefix=None)`` follows the mixin's one initialisation rule
+    instead of mmengine's non-strict loader: the checkpoint is converted from whatever layout it has, and a
+    checkpoint that does not fit raises :class:`~sparsevit_mm.utils.CheckpointMismatchError` naming the file and the
+    missing, unexpected and mis-shaped keys.
     """
     arch_zoo: Dict[str, dict] = {}
     arch_options: Tuple[str, ...] = ('prune_layers', )  # keys a custom arch dict may have beside the required ones
@@ -158,35 +158,6 @@ class SparseBackbone(CheckpointLayoutMixin, BaseModule):
             raise ValueError(f'out_indices {indices} name layer / stage {repeated} more than once (negative indices '
                              f'count from the end of {num}); give each once')
         return sorted(resolved)
-
-    # ------------------------------------------------------------------------------------------- weights
-    def _pretrained_cfg(self) -> Optional[dict]:
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
-        for cfg in cfgs:
-            if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-                return cfg
-        return None
-
-    def default_init(self):
-        raise NotImplementedError
-
-    def init_weights(self):
-        pretrained = self._pretrained_cfg()
-        if pretrained is None and self.init_cfg is not None:
-            super().init_weights()
-            return
-        self.default_init()
-        if pretrained is not None:
-            self.load_pretrained(pretrained['checkpoint'], pretrained.get('prefix'))
-        self._is_init = True
-
-    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None):
-        """Load ``checkpoint`` (any supported layout), keeping only keys under ``prefix`` if given."""
-        load_weights(self, checkpoint, prefix)
-
-    def load_checked(self, state_dict: Dict[str, torch.Tensor], source: str = 'state_dict'):
-        """Load weights of any supported layout strictly (see :func:`~sparsevit_mm.utils.load_weights`)."""
-        load_weights(self, state_dict, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -227,11 +227,10 @@ class DVTExit(CheckpointLayoutMixin, BaseModule):
                                                 nn.Conv2d(3 * channels, channels, 1))
         self.norm = nn.LayerNorm(embed_dims, eps=norm_eps)
 
-    def init_weights(self):
-        super().init_weights()
-        if self.init_cfg is None:  # T2T's sinusoidal position table stays as it is
-            embeddings = (self.pos_embed, self.cls_token) if self.tokenizer_type == 'patch' else (self.cls_token, )
-            init_vit_weights(self, *embeddings)
+    def default_init(self):
+        # T2T's sinusoidal position table stays as it is
+        embeddings = (self.pos_embed, self.cls_token) if self.tokenizer_type == 'patch' else (self.cls_token, )
+        init_vit_weights(self, *embeddings)
 
     def reused_relations(self, previous: List[torch.Tensor]) -> List[torch.Tensor]:
         """Previous exit's L logit maps (B, H, 1 + n, 1 + n) -> L bias maps (B, H, 1 + N, 1 + N) for this exit."""

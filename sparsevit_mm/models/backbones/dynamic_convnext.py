@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 from mmpretrain.models.backbones.convnext import ConvNeXt, ConvNeXtBlock
 from mmpretrain.models.utils import LayerNorm2d
 
@@ -109,10 +108,8 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
     # Modules a dense ImageNet ConvNeXt checkpoint lacks: predictors, fast paths, and the extra output norms.
     optional_checkpoint_groups = (r'^score_predictors\.', r'\.fast_path(_gamma)?(\.|$)', r'^norm[0-2]\.')
     default_keep_ratio_weight = 10.0
-    _default_init_cfg = [
-        dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
-        dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
-    ]
+    default_init_cfg = (dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
+                        dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.))
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -158,7 +155,7 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
                          drop_path_rate=drop_path_rate, layer_scale_init_value=layer_scale_init_value,
                          out_indices=list(self.resolve_out_indices(out_indices, 4)), frozen_stages=frozen_stages,
                          gap_before_final_norm=gap_before_final_norm, with_cp=with_cp,
-                         init_cfg=init_cfg if init_cfg is not None else self._default_init_cfg)
+                         init_cfg=init_cfg)
         self.arch_settings = settings
         self.norm_eval = norm_eval
         stage_depth = depths[self.sparse_stage]
@@ -178,13 +175,6 @@ class DynamicConvNeXt(SparseBackbone, ConvNeXt):
         self._freeze_stages()
 
     # ------------------------------------------------------------------------------------------------ weights
-    def default_init(self):
-        saved, self.init_cfg = self.init_cfg, self._default_init_cfg
-        try:
-            BaseModule.init_weights(self)
-        finally:
-            self.init_cfg = saved
-
     def convert_checkpoint(self, state_dict, checkpoint=None):
         return convnext_to_backbone(state_dict, self.out_indices)
 

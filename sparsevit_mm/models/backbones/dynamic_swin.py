@@ -169,6 +169,10 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
     optional_checkpoint_groups = (r'^score_predictors\.', r'\.fast_path\.', r'^norm[0-2]\.',
                                   r'relative_position_index$')
     default_keep_ratio_weight = 10.0
+    # from scratch, as mmdet's Swin (the attention modules' own init_weights then give the relative-position tables
+    # their truncated normal)
+    default_init_cfg = (dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+                        dict(type='Constant', layer='LayerNorm', val=1., bias=0.))
 
     def __init__(self,
                  arch: Union[None, str, dict] = None,
@@ -270,13 +274,6 @@ class DynamicSwinTransformer(SparseBackbone, SwinTransformer):
         return None
 
     # ------------------------------------------------------------------------------------------------ weights
-    def default_init(self):
-        saved, self.init_cfg = self.init_cfg, None
-        try:
-            SwinTransformer.init_weights(self)  # truncated normal for Linear, ones / zeros for LayerNorm
-        finally:
-            self.init_cfg = saved
-
     def convert_checkpoint(self, state_dict, checkpoint=None):
         return swin_to_backbone(state_dict, self.out_indices)
 

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 
 from ...layers import init_vit_weights
 from ...utils.arch import resolve_arch
-from ...utils.checkpoint import CheckpointLayoutMixin, CheckpointMismatchError, StateDict, load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, CheckpointMismatchError, StateDict
 
 ATTENTION_BACKENDS = ('sdpa', 'xformers', 'math')
 
@@ -144,10 +144,8 @@ class UViT(CheckpointLayoutMixin, BaseModule):
             if isinstance(module, UViTAttention):
                 module.backend = backend
 
-    def init_weights(self):
-        super().init_weights()
-        if self.init_cfg is None:
-            init_vit_weights(self, self.pos_embed)
+    def default_init(self):
+        init_vit_weights(self, self.pos_embed)
 
     def check_inputs(self, x: torch.Tensor, labels: Optional[torch.Tensor]):
         if x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
@@ -237,16 +235,6 @@ class UViTBackbone(CheckpointLayoutMixin, BaseModule):
         network = {k[len('network.'):]: v for k, v in state_dict.items() if k.startswith('network.')} or state_dict
         return {f'uvit.{k}': v for k, v in network.items()
                 if k.split('.')[0] in ('in_blocks', 'mid_block', 'out_blocks')}
-
-    def init_weights(self):
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            self.uvit.init_weights()
-            load_weights(self, cfg['checkpoint'], cfg.get('prefix'))
-            self._is_init = True
-        else:
-            super().init_weights()
-            self.uvit.init_weights()
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         uvit = self.uvit

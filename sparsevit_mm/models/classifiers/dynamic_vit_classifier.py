@@ -6,7 +6,7 @@ from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.structures import DataSample
 
 from ...layers import keep_ratio_terms
-from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, convert_framework_model_layout, load_weights
+from ...utils.checkpoint import CheckpointLayoutMixin, StateDict, convert_framework_model_layout
 from ..backbones.base import SparseBackbone
 from ..heads import TokenLabelingClsHead
 from ..losses import logit_distillation_loss, token_distillation_loss
@@ -30,6 +30,7 @@ class DynamicViTClassifier(CheckpointLayoutMixin, ImageClassifier):
         keep_ratio_weight / distill_logits_weight / distill_tokens_weight: loss weights (paper: 2.0, 0.5, 0.5).
         token_distill: ``'mse'`` (DeiT: final token features) or ``'kl'`` (LV-ViT: per-token logits).
     """
+    pretrained_may_lack = (r'^head\.', )  # a backbone-only checkpoint in init_cfg leaves the head to its init
 
     def __init__(self, backbone: dict, neck: Optional[dict] = None, head: Optional[dict] = None,
                  teacher: Union[None, dict, FrozenTeacher] = None, keep_ratio_weight: float = 2.0,
@@ -66,23 +67,10 @@ class DynamicViTClassifier(CheckpointLayoutMixin, ImageClassifier):
         return convert_framework_model_layout(self, state_dict)
 
     def init_weights(self):
-        """Default init, then ``init_cfg=dict(type='Pretrained', checkpoint=...)`` of the whole classifier.
-
-        The checkpoint may be ours or official (DeiT, LV-ViT, DynamicViT); it is converted and loaded strictly,
-        except that a dense checkpoint may lack the score predictors and a backbone-only checkpoint the head (both
-        keep their initialisation). Finally the teacher loads its weights.
-        """
-        pretrained = self.init_cfg if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained' \
-            else None
-        if pretrained is None:
-            super().init_weights()
-        else:
-            self.init_cfg = None
-            try:
-                super().init_weights()
-            finally:
-                self.init_cfg = pretrained
-            load_weights(self, pretrained['checkpoint'], pretrained.get('prefix'), allow_absent=(r'^head\.', ))
+        """The one rule of :class:`~sparsevit_mm.utils.CheckpointLayoutMixin` (``init_cfg=dict(type='Pretrained',
+        checkpoint=...)`` of the whole classifier: ours or official, DeiT, LV-ViT, DynamicViT; a dense checkpoint may
+        lack the score predictors and a backbone-only one the head), then the teacher loads its weights."""
+        super().init_weights()
         if self.teacher is not None:
             self.teacher.load()
 
