@@ -127,6 +127,8 @@ def test_bad_input_raises_clear_errors():
     model = _tiny()
     with pytest.raises(ValueError, match='needs 3 thresholds'):
         model.set_thresholds([0.5, 0.5])
+    model.set_thresholds(torch.tensor([0.25, 0.5, 0.0]))  # another model's thresholds, as a tensor
+    assert model.thresholds.tolist() == [0.25, 0.5, 0.0]
     with pytest.raises(ValueError, match='no fitted threshold table'):
         model.set_budget(1.0)
     model.exit_gflops.copy_(torch.tensor([0.5, 1.5, 3.5]))

@@ -66,6 +66,8 @@ def test_weight_zero_trains_without_the_loss_on_purpose(tmp_path):
 def test_a_negative_weight_is_refused():
     with pytest.raises(ValueError, match='weight must be >= 0.*got -1.0'):
         KeepRatioLossHook(weight=-1.0)
+    with pytest.raises(ValueError, match="weight must be >= 0.*got '2'"):  # a number, not text from a config
+        KeepRatioLossHook(weight='2')
 
 
 def test_only_a_learning_forward_leaves_decisions_that_must_be_consumed():

@@ -103,8 +103,8 @@ def main(argv=None):
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)
     backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, SparseBackbone):
-        what = f'its backbone {type(backbone).__name__}' if backbone is not None else 'it has no backbone'
-        raise ValueError(f'{args.config} builds {type(model).__name__} and {what} is not a token-sparse one '
+        what = f'whose backbone {type(backbone).__name__} is not' if backbone is not None else 'which has no backbone,'
+        raise ValueError(f'{args.config} builds {type(model).__name__}, {what} a token-sparse one '
                          '(DynamicViT, DynamicSwinTransformer, DynamicConvNeXt): nothing to visualise (DVT: '
                          'tools/analysis/benchmark_early_exit.py shows its exits)')
     if args.keep_ratio is not None:

@@ -1,4 +1,5 @@
 """Training hooks of the sparsevit-mm recipes."""
+import numbers
 from typing import Optional, Sequence
 
 from mmengine.hooks import Hook
@@ -84,9 +85,10 @@ class KeepRatioLossHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, weight: Optional[float] = None):
-        if weight is not None and not weight >= 0:
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, numbers.Real) or
+                                   not weight >= 0):
             raise ValueError(f'KeepRatioLossHook weight must be >= 0 (a negative weight rewards missing the budget; '
-                             f'0 trains without the keep-ratio loss), got {weight}')
+                             f'0 trains without the keep-ratio loss), got {weight!r}')
         self.weight = weight
 
     def before_train(self, runner):

@@ -230,7 +230,8 @@ class DVT(CheckpointLayoutMixin, BaseClassifier):
 
     # ------------------------------------------------------------------------------------------ thresholds
     def set_thresholds(self, thresholds: Sequence[float]):
-        thresholds = list(thresholds)
+        # plain numbers, also from a tensor (e.g. another model's thresholds)
+        thresholds = [t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else t for t in thresholds]
         bad = [t for t in thresholds if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t)]
         if bad:
             raise ValueError(f'DVT thresholds must be numbers (confidences; {NO_EXIT:g} means never exit there), '
