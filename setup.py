@@ -22,8 +22,9 @@ setup(
     packages=find_packages(include=['sparsevit_mm', 'sparsevit_mm.*']),
     python_requires='>=3.10',
     install_requires=[
-        'torch==2.14.1',
-        'torchvision==0.29.1',
+        # tested on 2.14.1 (tools/install.sh pins it) and 2.11 (an existing environment: install.sh --offline)
+        'torch>=2.11',
+        'torchvision>=0.26',
         'mmengine==0.10.7',
         # mmcv must carry its compiled ops; tools/install.sh builds that wheel (PyPI has only the source).
         'mmcv==2.1.0',

@@ -467,6 +467,30 @@ work_dir = {str(work_dir)!r}
 TINY_UVIT = dict(embed_dims=64, depth=4, num_heads=4)
 
 
+def tiny_family(family: str):
+    """A small eval-mode model of each family and its inputs: 'dynamicvit' (at a size other than its built one, so
+    the resampled position embedding is in the graph), 'swin', 'convnext' (keep 0.7), 'uvit', 'dvt' (224 px)."""
+    from sparsevit_mm.models import DVT, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, UViT
+    if family == 'dynamicvit':
+        model = DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, keep_ratio=0.7, prune_layers=[1, 2, 3])
+        return model.eval(), (torch.randn(2, 3, 48, 64), )
+    if family == 'swin':
+        model = DynamicSwinTransformer(arch=TINY_SWIN, prune_layers=[1], keep_ratio=0.7, drop_path_rate=0.0)
+        return model.eval(), (torch.randn(2, 3, 64, 96), )
+    if family == 'convnext':
+        model = DynamicConvNeXt(arch=TINY_CONVNEXT, prune_layers=[1], keep_ratio=0.7, out_indices=(0, 1, 2, 3),
+                                gap_before_final_norm=False)
+        return model.eval(), (torch.randn(2, 3, 64, 96), )
+    if family == 'uvit':
+        model = UViT(arch=TINY_UVIT, img_size=16, patch_size=4, in_channels=3, num_classes=5)
+        return model.eval(), (torch.randn(2, 3, 16, 16), torch.rand(2) * 999, torch.tensor([1, 4]))
+    if family == 'dvt':
+        model = DVT(arch=TINY_DVT, num_classes=5)
+        model.init_weights()
+        return model.eval(), (torch.randn(2, 3, 224, 224), )
+    raise ValueError(f'unknown family {family!r}')
+
+
 def uvit_config(data_root, work_dir, max_iters=200, num_classes=0, extra_model=''):
     """A tiny pixel-space U-ViT diffusion config on a :func:`make_imagenet_folder` set (32x32 images)."""
     return f"""

@@ -8,39 +8,21 @@ import torch
 
 from sparsevit_mm.deployment import (DVTExitStep, NotExportable, as_list, export, export_targets, load_exported,
                                      max_difference, run_early_exit)
-from sparsevit_mm.models import DVT, DynamicConvNeXt, DynamicSwinTransformer, DynamicViT, UViT
+from sparsevit_mm.models import DVT
 from sparsevit_mm.models.classifiers.dvt import fit_thresholds
 
-from .helpers import (TINY_ARCH, TINY_CONVNEXT, TINY_DVT, TINY_SWIN, TINY_UVIT, dvt_config, load_tool, run_tool,
-                      tiny_classifier_config)
+from .helpers import TINY_DVT, dvt_config, load_tool, run_tool, tiny_classifier_config, tiny_family
 
 export_tool = load_tool('tools/deployment/export.py')
 
 
-def tiny(family: str):
-    """A small eval-mode model of each family and its inputs (DynamicViT at a size other than its built one, so
-    the resampled position embedding is in the graph)."""
-    if family == 'dynamicvit':
-        model = DynamicViT(arch=TINY_ARCH, img_size=32, patch_size=8, keep_ratio=0.7, prune_layers=[1, 2, 3])
-        return model.eval(), (torch.randn(2, 3, 48, 64), )
-    if family == 'swin':
-        model = DynamicSwinTransformer(arch=TINY_SWIN, prune_layers=[1], keep_ratio=0.7, drop_path_rate=0.0)
-        return model.eval(), (torch.randn(2, 3, 64, 96), )
-    if family == 'convnext':
-        model = DynamicConvNeXt(arch=TINY_CONVNEXT, prune_layers=[1], keep_ratio=0.7, out_indices=(0, 1, 2, 3),
-                                gap_before_final_norm=False)
-        return model.eval(), (torch.randn(2, 3, 64, 96), )
-    model = UViT(arch=TINY_UVIT, img_size=16, patch_size=4, in_channels=3, num_classes=5)
-    return model.eval(), (torch.randn(2, 3, 16, 16), torch.rand(2) * 999, torch.tensor([1, 4]))
-
-
-FAMILIES = ['dynamicvit', 'swin', 'convnext', 'uvit']
+FAMILIES = ['dynamicvit', 'swin', 'convnext', 'uvit']  # the token-sparse ones (DVT: below)
 
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_compile_captures_one_graph_at_keep_below_one(family):
     """No graph break at keep 0.7, with autograd on (eval-mode fine-tuning of a compiled model) and off."""
-    model, inputs = tiny(family)
+    model, inputs = tiny_family(family)
     explanation = torch._dynamo.explain(model)(*inputs)  # autograd on
     assert explanation.graph_break_count == 0, [str(r.reason)[:300] for r in explanation.break_reasons]
     assert explanation.graph_count == 1
@@ -51,7 +33,7 @@ def test_compile_captures_one_graph_at_keep_below_one(family):
 
 
 def test_inductor_compiled_dynamicvit_matches_eager():
-    model, inputs = tiny('dynamicvit')
+    model, inputs = tiny_family('dynamicvit')
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
@@ -63,7 +45,7 @@ def test_inductor_compiled_dynamicvit_matches_eager():
 def test_export_reloads_and_matches_eager_at_any_batch(family, format, tmp_path):
     if format == 'onnx':
         pytest.importorskip('onnxruntime', reason='the deploy extra (pip install -e ".[deploy]")')
-    model, inputs = tiny(family)
+    model, inputs = tiny_family(family)
     target, = export_targets(model, shape=inputs[0].shape[-2:], batch_size=2)
     if family == 'uvit':  # the model's own inputs (export_targets makes the same kinds)
         target.inputs = inputs
@@ -78,7 +60,7 @@ def test_export_reloads_and_matches_eager_at_any_batch(family, format, tmp_path)
 
 
 def test_a_static_export_refuses_another_batch(tmp_path):
-    model, inputs = tiny('convnext')
+    model, inputs = tiny_family('convnext')
     target, = export_targets(model, shape=(64, 96), batch_size=2)
     export(target, str(tmp_path / 'static.pt2'), 'torch-export')
     run = load_exported(str(tmp_path / 'static.pt2'))
@@ -89,7 +71,7 @@ def test_a_static_export_refuses_another_batch(tmp_path):
 
 def test_kept_counts_are_part_of_the_graph(tmp_path):
     """A program exported at keep 0.7 keeps 0.7's tokens whatever the model's keep ratio is later."""
-    model, inputs = tiny('dynamicvit')
+    model, inputs = tiny_family('dynamicvit')
     target, = export_targets(model, shape=(48, 64), batch_size=2)
     export(target, str(tmp_path / 'keep07.pt2'), 'torch-export')
     run = load_exported(str(tmp_path / 'keep07.pt2'))
@@ -141,12 +123,12 @@ def test_export_targets_refuse_models_that_are_not_ours_and_wrong_sizes():
     with pytest.raises(NotExportable, match='ResNet.*mmdeploy'):
         export_targets(ResNet(depth=18), shape=(224, 224))
     with pytest.raises(ValueError, match='takes any input size: give the shape'):
-        export_targets(tiny('swin')[0])
+        export_targets(tiny_family('swin')[0])
     with pytest.raises(ValueError, match='U-ViT was built for 16x16'):
-        export_targets(tiny('uvit')[0], shape=(32, 32))
+        export_targets(tiny_family('uvit')[0], shape=(32, 32))
     with pytest.raises(ValueError, match='DVT exits are built for 224x224'):
         export_targets(DVT(arch=TINY_DVT, num_classes=3).eval(), shape=(160, 160))
-    target, = export_targets(tiny('convnext')[0], shape=(64, 64), batch_size=1)
+    target, = export_targets(tiny_family('convnext')[0], shape=(64, 64), batch_size=1)
     with pytest.raises(ValueError, match='batch >= 2'):
         export(target, '/tmp/unused.pt2', 'torch-export', dynamic_batch=True)
     with pytest.raises(ValueError, match="format must be one of \\['onnx', 'torch-export'\\]"):
@@ -195,7 +177,7 @@ def test_exporting_leaves_the_eager_model_computing_real_tensors(family, tmp_pat
     for cached in (dynamic_swin.window_order, dynamic_swin.shift_mask, dvt_exit._resampling_matrix):
         cached.cache_clear()
     if family == 'swin':
-        model, inputs = tiny('swin')
+        model, inputs = tiny_family('swin')
         target, = export_targets(model, shape=(64, 96), batch_size=2)  # (runs the model once: caches filled)
         dynamic_swin.window_order.cache_clear(), dynamic_swin.shift_mask.cache_clear()
         export(target, str(tmp_path / 'model.pt2'), 'torch-export')

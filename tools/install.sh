@@ -2,16 +2,21 @@
 # Set up everything sparsevit-mm needs, on a fresh machine or again on one already set up.
 #
 #   bash tools/install.sh            # creates .venv/ at the repo root (or uses the active venv)
+#   bash tools/install.sh --offline WHEELHOUSE --use-current-torch [--ops-in-background]
+#                                    # into the active environment, keeping its torch, from a folder made by
+#                                    # tools/make_wheelhouse.sh (no network; docs/install.md)
 #
 # mmcv 2.1.x (required by mmdet 3.3 / mmseg 1.2) is published only as source. We build it once against the
 # installed torch, with its compiled ops, into a wheel cache outside the repo and reuse that wheel afterwards,
 # so a second run takes a minute instead of ~30 (2 CPU cores). On a machine with CUDA the same build compiles
-# the CUDA ops (the cache key includes the torch build and CUDA availability).
+# the CUDA ops for the local GPU (the cache key includes the torch build and CUDA availability).
 #
 # Environment knobs:
 #   SPARSEVIT_WHEEL_CACHE   wheel cache dir (default ~/.cache/sparsevit_mm/wheels)
 #   SPARSEVIT_EXTRAS        extra pip specs, e.g. "xformers" on a CUDA machine (optional, never required)
 #   MAX_JOBS                parallel compile jobs for mmcv (default: number of cores)
+#   TORCH_CUDA_ARCH_LIST    GPU architectures of mmcv's CUDA ops (default: the local GPU's, e.g. 9.0)
+#   PYTHON                  the interpreter of --offline when no virtualenv is active (default: python3)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,8 +24,153 @@ CACHE="${SPARSEVIT_WHEEL_CACHE:-$HOME/.cache/sparsevit_mm/wheels}"
 TORCH_SPEC="torch==2.14.1"
 TORCHVISION_SPEC="torchvision==0.29.1"
 MMCV_VERSION="2.1.0"
+OLDEST_TORCH="2.11"  # the oldest torch the code is tested on (docs/install.md)
+OFFLINE=""
+USE_CURRENT_TORCH=""
+OPS_IN_BACKGROUND=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --offline) [[ $# -ge 2 ]] || { echo "install.sh: --offline wants the wheelhouse folder" >&2; exit 2; }
+                   OFFLINE="$2"; shift 2 ;;
+        --use-current-torch) USE_CURRENT_TORCH=1; shift ;;
+        --ops-in-background) OPS_IN_BACKGROUND=1; shift ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [[ -n "$OFFLINE" && -z "$USE_CURRENT_TORCH" ]]; then
+    echo "install.sh: --offline installs into an environment that has torch already: add --use-current-torch" >&2
+    exit 2
+fi
+if [[ -n "$USE_CURRENT_TORCH" && -z "$OFFLINE" ]]; then
+    echo "install.sh: --use-current-torch goes with --offline WHEELHOUSE (online, install.sh installs $TORCH_SPEC)" >&2
+    exit 2
+fi
+if [[ -n "$OPS_IN_BACKGROUND" && -z "$OFFLINE" ]]; then
+    echo "install.sh: --ops-in-background goes with --offline" >&2
+    exit 2
+fi
 
 log() { printf '\n[install] %s\n' "$*"; }
+
+# Shared by both routes: the local torch build's cache tag, and mmcv's source patched for it.
+torch_tag() {
+    "$PY" - <<'PYEOF'
+import sys, torch
+cuda = 'cu' + torch.version.cuda.replace('.', '') if (torch.cuda.is_available() and torch.version.cuda) else 'cpu'
+print(f"torch{torch.__version__.split('+')[0]}-{cuda}-py{sys.version_info.major}{sys.version_info.minor}")
+PYEOF
+}
+patch_mmcv_source() {  # torch >= 2.14's headers need C++20; mmcv 2.1 hard-codes c++14 / c++17 (nvcc 13 takes 20)
+    sed -i -e 's/c++14/c++20/g' -e 's/c++17/c++20/g' "$1/setup.py"
+}
+
+if [[ -n "$OFFLINE" ]]; then
+    # ------------------------------------------------------------------------------------------------------------
+    # Offline, into the active environment, keeping its torch (docs/install.md, "offline / existing PyTorch").
+    # ------------------------------------------------------------------------------------------------------------
+    WH="$(cd "$OFFLINE" 2>/dev/null && pwd)" || { echo "install.sh: wheelhouse '$OFFLINE' is not a folder" >&2; exit 2; }
+    for f in requirements.txt frameworks.txt "mmcv-$MMCV_VERSION.tar.gz"; do
+        [[ -e "$WH/$f" ]] || { echo "install.sh: $WH has no $f: make it with tools/make_wheelhouse.sh" >&2; exit 2; }
+    done
+    PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"
+    PY="${PY:-$(command -v "${PYTHON:-python3}")}"
+    log "offline install into $("$PY" -c 'import sys; print(sys.prefix)') ($("$PY" --version)) from $WH"
+    OFFLINE_PIP=("$PY" -m pip --disable-pip-version-check install -q --no-index --find-links "$WH")
+
+    # 1. What the wheelhouse does not carry must be there, and torch must be one we are tested on.
+    "$PY" - "$OLDEST_TORCH" <<'PYEOF' || exit 1
+import importlib, sys
+missing = []
+for module, package in [('torch', 'torch'), ('torchvision', 'torchvision'), ('numpy', 'numpy'), ('scipy', 'scipy'),
+                        ('matplotlib', 'matplotlib'), ('PIL', 'Pillow'), ('cv2', 'opencv-python(-headless)')]:
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        missing.append(f'{package} ({error})')
+if missing:
+    sys.exit('install.sh: this environment lacks ' + ', '.join(missing) + '; install them first, or carry them '
+             'in the wheelhouse with make_wheelhouse.sh --with NAME')
+import torch
+from packaging.version import Version
+if Version(torch.__version__.split('+')[0]) < Version(sys.argv[1]):
+    sys.exit(f'install.sh: torch {torch.__version__} is older than {sys.argv[1]}, the oldest sparsevit-mm is tested on')
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+print(f'[install] keeping torch {torch.__version__} (CUDA {torch.version.cuda}, {gpu})')
+PYEOF
+
+    # 2. Dependencies by name: what the environment has and satisfies them stays as it is.
+    log "dependencies from the wheelhouse"
+    "${OFFLINE_PIP[@]}" -r "$WH/requirements.txt"
+    if ! "$PY" -W ignore -c "import pkg_resources" 2>/dev/null; then  # mmengine imports it; setuptools 82 removed it
+        log "setuptools<81 (this environment's setuptools has no pkg_resources, which mmengine imports)"
+        "${OFFLINE_PIP[@]}" "setuptools<81"
+    fi
+    # 3. The frameworks without their dependencies: they ask for opencv-python by name, and -headless serves too.
+    "${OFFLINE_PIP[@]}" --no-deps -r "$WH/frameworks.txt"
+
+    # 4. mmcv: without compiled ops first (seconds), so that mmpretrain and mmseg work at once.
+    TAG=$(torch_tag)
+    SRC_ROOT="$CACHE/src-$TAG"
+    SRC="$SRC_ROOT/mmcv-$MMCV_VERSION"
+    rm -rf "$SRC_ROOT" && mkdir -p "$SRC_ROOT" "$CACHE/$TAG"
+    tar -xzf "$WH/mmcv-$MMCV_VERSION.tar.gz" -C "$SRC_ROOT"
+    patch_mmcv_source "$SRC"
+    # mmcv 2.1's setup.py needs setuptools<70: the wheelhouse's copy goes on PYTHONPATH for its builds only.
+    BUILD_TOOLS="$SRC_ROOT/build-tools"
+    "$PY" -m pip --disable-pip-version-check install -q --no-index --no-deps --target "$BUILD_TOOLS" \
+        "$WH"/build/setuptools-*.whl
+    have_ops() { "$PY" -c "from mmcv.ops import nms, roi_align" 2>/dev/null; }
+    if have_ops && [[ "$("$PY" -c 'import mmcv; print(mmcv.__version__)')" == "$MMCV_VERSION" ]]; then
+        log "mmcv $MMCV_VERSION with compiled ops already installed"
+    else
+        log "mmcv $MMCV_VERSION without compiled ops (mmcv-lite)"
+        (cd "$SRC" && PYTHONPATH="$BUILD_TOOLS" MMCV_WITH_OPS=0 "$PY" -m pip --disable-pip-version-check \
+            install -q --no-deps --no-build-isolation --no-index .)
+    fi
+
+    # 5. sparsevit_mm itself (editable; its dependencies are in place).
+    "$PY" -m pip --disable-pip-version-check install -q --no-deps --no-build-isolation --no-index -e "$ROOT"
+    "$PY" - <<'PYEOF'
+import torch, mmengine, mmcv, mmdet, mmseg, mmpretrain, timm, sparsevit_mm
+print('[install] torch', torch.__version__, '| mmengine', mmengine.__version__, '| mmcv', mmcv.__version__,
+      '| mmdet', mmdet.__version__, '| mmseg', mmseg.__version__, '| mmpretrain', mmpretrain.__version__,
+      '| timm', timm.__version__)
+PYEOF
+
+    # 6. mmcv's compiled ops (mmdet's RoI and NMS ops), for the local GPU only.
+    LOG="$CACHE/mmcv-ops-$TAG.log"
+    build_ops() {
+        set -e
+        local arch jobs wheel
+        arch="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()) if torch.cuda.is_available() else print('')")}"
+        jobs="${MAX_JOBS:-$(nproc)}"
+        wheel=$(ls "$CACHE/$TAG"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+        if [[ -z "$wheel" ]]; then
+            echo "[ops] building mmcv's ops for ${arch:-the CPU} with $jobs jobs ($(date -u +%T))"
+            (cd "$SRC" && PYTHONPATH="$BUILD_TOOLS" MMCV_WITH_OPS=1 MAX_JOBS="$jobs" TORCH_CUDA_ARCH_LIST="$arch" \
+                FORCE_CUDA="$([[ -n "$arch" ]] && echo 1 || echo 0)" \
+                "$PY" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation --no-index \
+                -w "$CACHE/$TAG" .)
+            wheel=$(ls "$CACHE/$TAG"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
+        fi
+        "$PY" -m pip --disable-pip-version-check uninstall -q -y mmcv-lite 2>/dev/null || true
+        "$PY" -m pip --disable-pip-version-check install -q --no-deps --force-reinstall --no-index "$wheel"
+        "$PY" -c "from mmcv.ops import nms, roi_align" && echo "[ops] mmcv's compiled ops import ($(date -u +%T))"
+    }
+    if have_ops; then
+        log "done: the whole stack is installed"
+    elif [[ -n "$OPS_IN_BACKGROUND" ]]; then
+        (build_ops > "$LOG" 2>&1 && echo "[ops] done" >> "$LOG" || echo "[ops] FAILED (exit $?)" >> "$LOG") &
+        log "mmcv's compiled ops are building in the background (pid $!): tail -f $LOG
+    mmpretrain and mmseg models work now; mmdet's detectors need the ops ('[ops] done' in the log)"
+    else
+        log "building mmcv's compiled ops (log: $LOG)"
+        build_ops 2>&1 | tee "$LOG" || { echo "install.sh: mmcv's ops did not build; the end of $LOG says why" >&2; exit 1; }
+        log "done: the whole stack is installed"
+    fi
+    exit 0
+fi
 
 # 1. The Python environment: the active venv if there is one, else .venv/ at the repo root.
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
@@ -62,12 +212,7 @@ fi
 "${PIP_INSTALL[@]}" "mmengine==0.10.7" "numpy>=1.26" pillow pyyaml packaging
 
 # 5. mmcv with compiled ops: a cached wheel, or a one-time source build.
-TAG=$("$PY" - <<'PYEOF'
-import sys, torch
-cuda = 'cu' + torch.version.cuda.replace('.', '') if (torch.cuda.is_available() and torch.version.cuda) else 'cpu'
-print(f"torch{torch.__version__.split('+')[0]}-{cuda}-py{sys.version_info.major}{sys.version_info.minor}")
-PYEOF
-)
+TAG=$(torch_tag)
 WHEEL_DIR="$CACHE/$TAG"
 mkdir -p "$WHEEL_DIR"
 have_mmcv() {
@@ -96,8 +241,7 @@ urllib.request.urlretrieve(url, f'{out}/mmcv-{version}.tar.gz')
 PYEOF
         tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
         SRC="$BUILD/mmcv-$MMCV_VERSION"
-        # torch 2.14's headers need C++20; mmcv 2.1 hard-codes c++14/17.
-        sed -i -e 's/c++14/c++20/g' -e 's/c++17/c++20/g' "$SRC/setup.py"
+        patch_mmcv_source "$SRC"
         # mmcv 2.1's setup.py needs setuptools<70 to build; torch's runtime pin is restored right after.
         "${PIP[@]}" install -q "setuptools<70" 2>&1 | grep -v "requires setuptools" || true
         (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \

@@ -8,6 +8,7 @@
     python tools/analysis/benchmark.py CONFIG --backbone-only --shape 800 1333 --breakdown   # the backbone alone
 
     python tools/analysis/benchmark.py CONFIG --compile --onnxruntime   # also compiled and exported, side by side
+    python tools/analysis/benchmark.py CONFIG --fp16 --compile --cuda-graphs --batch-size 1 --json out.json   # GPU
 
     python tools/analysis/benchmark.py CONFIG --train                 # training steps: time and peak memory
     python tools/analysis/benchmark.py CONFIG --train --backbone-only --shape 800 1344 --batch-size 1
@@ -102,6 +103,9 @@ def parse_args(argv=None):
                              'compilation is excluded from the timing)')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune')")
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help="also time both settings through torch.compile(mode='reduce-overhead'), which replays "
+                             'CUDA graphs (the kept counts are static per input size); classifiers and backbones')
     parser.add_argument('--compile-backend', default='inductor',
                         help="torch.compile backend (default inductor; 'eager' only checks that the graph captures)")
     parser.add_argument('--onnxruntime', action='store_true',
@@ -113,6 +117,8 @@ def parse_args(argv=None):
     parser.add_argument('--train', action='store_true',
                         help='time training steps (train_step: forward, losses, backward, optimizer step) at the '
                              'config\'s training size and batch size, and report each setting\'s peak memory')
+    parser.add_argument('--json', default=None, metavar='PATH',
+                        help='also write the results (keep ratio -> images/s, speed-ups, ...) to this JSON file')
     parser.add_argument('--memory-child', type=float, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -133,6 +139,17 @@ def sparse_backbone_of(model) -> SparseBackbone:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.cuda_graphs and not args.device.startswith('cuda'):
+        raise SystemExit('--cuda-graphs records CUDA graphs: it needs --device cuda')
+    table = run(args, argv)
+    if args.json and table is not None:
+        with open(args.json, 'w') as f:
+            json.dump(dict(command=' '.join(['python', 'tools/analysis/benchmark.py', *argv]), results=table), f,
+                      indent=1, default=str)
+    return table
+
+
+def run(args, argv):
     if args.train or args.memory_child is not None:
         return benchmark_training(args, argv)
     if args.batch_size is None:
@@ -150,6 +167,9 @@ def main(argv=None):
         if args.onnxruntime:
             raise SystemExit('--onnxruntime times the exported backbone of a detection / segmentation config (its '
                              'heads stay in mmdet / mmseg): add --backbone-only')
+        if args.cuda_graphs:
+            raise SystemExit('--cuda-graphs times a classifier or a backbone (a detector\'s or segmentor\'s heads '
+                             'run data-dependent code): add --backbone-only')
         if args.breakdown:
             raise SystemExit('--breakdown times a backbone\'s parts: add --backbone-only for a detection / '
                              'segmentation config (the whole-model run reports its parts\' times by itself)')
@@ -168,6 +188,9 @@ def main(argv=None):
     if args.compile:
         compiled = compiled_forward(forward, args)
         settings.update({('compiled', r): keep_ratio_setting(backbone, r, compiled, args.fp16) for r in ratios})
+    if args.cuda_graphs:
+        graphs = torch.compile(forward, dynamic=False, mode='reduce-overhead', fullgraph=True)
+        settings.update({('cuda-graphs', r): keep_ratio_setting(backbone, r, graphs, args.fp16) for r in ratios})
     with tempfile.TemporaryDirectory() as export_dir:
         if args.onnxruntime:
             settings.update(onnxruntime_settings(model if whole else backbone, backbone, ratios, images, export_dir))
@@ -184,7 +207,8 @@ def main(argv=None):
     return table
 
 
-BACKEND_NAMES = {'eager': 'eager PyTorch', 'compiled': 'torch.compile', 'onnxruntime': 'ONNX Runtime'}
+BACKEND_NAMES = {'eager': 'eager PyTorch', 'compiled': 'torch.compile', 'cuda-graphs': 'CUDA graphs',
+                 'onnxruntime': 'ONNX Runtime'}
 
 
 def print_backend_tables(results, flops, ratios) -> Dict[str, dict]:
@@ -610,9 +634,9 @@ def benchmark_training(args, argv) -> dict:
     its ratio to the dense step's (median of per-round ratios, quartiles), and peak memory per setting."""
     if args.checkpoint:
         raise SystemExit('--train times random weights (time and memory do not depend on them): drop --checkpoint')
-    if args.compile or args.onnxruntime or args.breakdown:
-        raise SystemExit('--train times eager training steps; --compile, --onnxruntime and --breakdown are for '
-                         'inference')
+    if args.compile or args.cuda_graphs or args.onnxruntime or args.breakdown:
+        raise SystemExit('--train times eager training steps; --compile, --cuda-graphs, --onnxruntime and '
+                         '--breakdown are for inference')
     cfg = load_config(args.config, args.cfg_options)
     if args.memory_child is None:
         prepare_measurement(args)
