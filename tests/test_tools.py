@@ -243,8 +243,8 @@ def test_anticipated_mistakes_end_tools_with_one_line(setup, tmp_path):
         assert '--amp needs a CUDA device' in one_line_failure('tools/train.py', config, '--amp')
     dvt_config = 'configs/dvt/dvt-t2t-vit-12_8xb128-310e_in1k.py'
     torch.save(init_model(dvt_config).state_dict(), tmp_path / 'dvt.pth')
-    assert 'builds DVT and it has no backbone' in one_line_failure(
-        'tools/visualize_tokens.py', tmp_path / 'image.png', dvt_config, tmp_path / 'dvt.pth')
+    assert 'builds DVT, which has no backbone: visualize_tokens.py shows the tokens a token-sparse backbone' in \
+        one_line_failure('tools/visualize_tokens.py', tmp_path / 'image.png', dvt_config, tmp_path / 'dvt.pth')
     assert "argument --rounds: 0 is below the smallest allowed value, 1" in one_line_failure(
         'tools/analysis/benchmark.py', config, '--rounds', '0')
     # "resume if possible": nothing there, so it trains from the start

@@ -271,6 +271,15 @@ def test_frechet_distance_matches_the_matrix_square_root_formula():
     assert fid_tool.frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(expected, rel=1e-9)
 
 
+def test_frechet_distance_of_singular_statistics_to_themselves_is_zero_to_rounding():
+    """Fewer images than dimensions and features as large as an untrained Inception's: the covariance is singular
+    and about 1e22; the distance of the statistics to themselves is rounding only (eps * |S|, not sqrt(eps) * |S|)."""
+    fid_tool = load_tool('tools/analysis/fid.py')
+    features = np.random.default_rng(0).normal(size=(16, 256)) * 1e11
+    mean, covariance = features.mean(0), np.cov(features, rowvar=False)
+    assert abs(fid_tool.frechet_distance(mean, covariance, mean, covariance)) < 1e-12 * np.trace(covariance)
+
+
 @pytest.mark.slow
 def test_training_benchmark_compares_attention_and_checkpointing(tmp_path):
     config = tmp_path / 'uvit_narrow.py'  # the CIFAR-10 recipe with a narrower, shallower network (same code paths)

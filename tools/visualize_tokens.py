@@ -103,9 +103,10 @@ def main(argv=None):
     model = init_model(args.config, args.checkpoint, cfg_options=args.cfg_options)
     backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, SparseBackbone):
-        what = f'whose backbone {type(backbone).__name__} is not' if backbone is not None else 'which has no backbone,'
-        raise ValueError(f'{args.config} builds {type(model).__name__}, {what} a token-sparse one '
-                         '(DynamicViT, DynamicSwinTransformer, DynamicConvNeXt): nothing to visualise (DVT: '
+        what = f'whose backbone {type(backbone).__name__} is not token-sparse' if backbone is not None \
+            else 'which has no backbone'
+        raise ValueError(f'{args.config} builds {type(model).__name__}, {what}: visualize_tokens.py shows the tokens '
+                         'a token-sparse backbone (DynamicViT, DynamicSwinTransformer, DynamicConvNeXt) keeps (DVT: '
                          'tools/analysis/benchmark_early_exit.py shows its exits)')
     if args.keep_ratio is not None:
         backbone.keep_ratio = args.keep_ratio
