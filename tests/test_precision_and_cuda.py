@@ -159,7 +159,7 @@ def test_keep_policy_attention_on_cuda_equals_the_direct_formula_in_bounded_memo
     ours_grads = torch.autograd.grad(ours, leaves, upstream)
     peak = torch.cuda.max_memory_allocated() - before
     logits_bytes = batch * heads * tokens * tokens * 4  # one float32 (B, H, N, N) tensor: 847 MB here
-    assert peak < logits_bytes / 2, f'peak {peak / 2**20:.0f} MiB; one N x N logits tensor is {logits_bytes / 2**20:.0f}'
+    assert peak < logits_bytes / 2, f'peak {peak / 2**20:.0f} MiB; one N x N tensor: {logits_bytes / 2**20:.0f} MiB'
 
     reference = softmax_with_keep_policy((query * scale) @ key.transpose(-2, -1), policy) @ value
     reference_grads = torch.autograd.grad(reference, leaves, upstream)

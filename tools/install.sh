@@ -64,6 +64,22 @@ PYEOF
 patch_mmcv_source() {  # torch >= 2.14's headers need C++20; mmcv 2.1 hard-codes c++14 / c++17 (nvcc 13 takes 20)
     sed -i -e 's/c++14/c++20/g' -e 's/c++17/c++20/g' "$1/setup.py"
 }
+use_pip_cuda_headers() {
+    # torch's CUDA wheels bring the CUDA libraries as nvidia-* packages whose headers (cusparse.h, cublas_v2.h, ...)
+    # lie beside them, not in CUDA_HOME; torch's own headers include them, so the compilers must see them
+    # (without: "fatal error: cusparse.h: No such file or directory" with an nvcc-only CUDA_HOME)
+    local dirs
+    dirs=$("$PY" - <<'PYEOF'
+import glob, os, site
+roots = [p for p in site.getsitepackages() if os.path.isdir(os.path.join(p, 'nvidia'))]
+print(':'.join(d for root in roots for d in sorted(glob.glob(os.path.join(root, 'nvidia', '*', 'include')))))
+PYEOF
+)
+    if [[ -n "$dirs" ]]; then
+        export CPATH="$dirs${CPATH:+:$CPATH}"
+        export LIBRARY_PATH="${dirs//include/lib}${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    fi
+}
 
 if [[ -n "$OFFLINE" ]]; then
     # ------------------------------------------------------------------------------------------------------------
@@ -140,23 +156,24 @@ PYEOF
 
     # 6. mmcv's compiled ops (mmdet's RoI and NMS ops), for the local GPU only.
     LOG="$CACHE/mmcv-ops-$TAG.log"
-    build_ops() {
-        set -e
+    build_ops() {  # each step's failure ends it (explicitly: it also runs where `set -e` is ignored)
         local arch jobs wheel
         arch="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()) if torch.cuda.is_available() else print('')")}"
         jobs="${MAX_JOBS:-$(nproc)}"
         wheel=$(ls "$CACHE/$TAG"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)
         if [[ -z "$wheel" ]]; then
             echo "[ops] building mmcv's ops for ${arch:-the CPU} with $jobs jobs ($(date -u +%T))"
+            [[ -z "$arch" ]] || use_pip_cuda_headers
             (cd "$SRC" && PYTHONPATH="$BUILD_TOOLS" MMCV_WITH_OPS=1 MAX_JOBS="$jobs" TORCH_CUDA_ARCH_LIST="$arch" \
                 FORCE_CUDA="$([[ -n "$arch" ]] && echo 1 || echo 0)" \
                 "$PY" -m pip --disable-pip-version-check wheel --no-deps --no-build-isolation --no-index \
-                -w "$CACHE/$TAG" .)
-            wheel=$(ls "$CACHE/$TAG"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)
+                -w "$CACHE/$TAG" .) || return 1
+            wheel=$(ls "$CACHE/$TAG"/mmcv-"$MMCV_VERSION"-*.whl | head -n1) || return 1
         fi
         "$PY" -m pip --disable-pip-version-check uninstall -q -y mmcv-lite 2>/dev/null || true
-        "$PY" -m pip --disable-pip-version-check install -q --no-deps --force-reinstall --no-index "$wheel"
-        "$PY" -c "from mmcv.ops import nms, roi_align" && echo "[ops] mmcv's compiled ops import ($(date -u +%T))"
+        "$PY" -m pip --disable-pip-version-check install -q --no-deps --force-reinstall --no-index "$wheel" || return 1
+        "$PY" -c "from mmcv.ops import nms, roi_align" || return 1
+        echo "[ops] mmcv's compiled ops import ($(date -u +%T))"
     }
     if have_ops; then
         log "done: the whole stack is installed"
@@ -243,6 +260,7 @@ PYEOF
         SRC="$BUILD/mmcv-$MMCV_VERSION"
         patch_mmcv_source "$SRC"
         # mmcv 2.1's setup.py needs setuptools<70 to build; torch's runtime pin is restored right after.
+        [[ "$TAG" == *-cpu-* ]] || use_pip_cuda_headers
         "${PIP[@]}" install -q "setuptools<70" 2>&1 | grep -v "requires setuptools" || true
         (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
             "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$WHEEL_DIR" . )
