@@ -57,6 +57,7 @@ mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
 ROWS="$OUT/parts.tsv"
 : > "$ROWS"
+rm -f "$OUT/environment.json"
 START=$(date +%s)
 cd "$ROOT"
 
@@ -73,11 +74,6 @@ if not os.path.exists(env):
                 python=platform.python_version(), threads=torch.get_num_threads(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
     try:
-        from mmcv.ops import roi_align  # noqa: F401
-        info['mmcv_ops'] = 'compiled ops present'
-    except Exception as error:  # noqa: BLE001  (whatever the cause, it is reported)
-        info['mmcv_ops'] = f'no compiled ops ({type(error).__name__}: {str(error)[:120]})'
-    try:
         info['commit'] = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                                         check=True).stdout.strip()
     except Exception:  # noqa: BLE001
@@ -90,6 +86,11 @@ if not os.path.exists(env):
             info['driver'] = '?'
     json.dump(info, open(env, 'w'), indent=1)
 info = json.load(open(env))
+try:  # read at every rewrite: the ops may finish building during the run (--wait-for-ops)
+    from mmcv.ops import roi_align  # noqa: F401
+    info['mmcv_ops'] = 'compiled ops present'
+except Exception as error:  # noqa: BLE001  (whatever the cause, it is reported)
+    info['mmcv_ops'] = f'no compiled ops ({type(error).__name__}: {str(error)[:120]})'
 lines += [f"- device: **{info['device']}**" + (f" (driver {info['driver']})" if info.get('driver') else ''),
           f"- torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, Python {info['python']}, "
           f"{info['threads']} CPU threads", f"- mmcv: {info['mmcv_ops']}",
@@ -212,6 +213,7 @@ MASK_RCNN_B=configs/dynamicvit/mask-rcnn_dynamicvit-deit-base-r0.7_simple-fpn_1x
 
 if [[ -n "$QUICK" ]]; then
     TIMING=(--rounds 1 --iters 1 --warmup 0)
+    QUICK_LIMIT=300  # a check, not a measurement: on a loaded machine (a test run beside it) parts take longer
 else
     TIMING=(--rounds 5 --iters 10 --warmup 3)
 fi
@@ -229,14 +231,17 @@ echo "[report] $OUT/report.md ($DEVICE${QUICK:+, quick}, budget ${BUDGET} s)"
 run_part tests "CUDA tests (pytest -m cuda)" 240 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rs
 
 if [[ -n "$QUICK" ]]; then
-    run_part inference "DeiT-S batch 2" 120 "${BENCH[@]}" "$DEIT_S" "${INFER[@]}" --batch-size 2 "${TIMING[@]}"
-    run_part whole "Segmenter DynamicViT-S batch 1" 120 "${BENCH[@]}" "$SEGMENTER_S" "${WHOLE[@]}" \
+    run_part inference "DeiT-S batch 2" "$QUICK_LIMIT" \
+        "${BENCH[@]}" "$DEIT_S" "${INFER[@]}" --batch-size 2 "${TIMING[@]}"
+    run_part whole "Segmenter DynamicViT-S batch 1" "$QUICK_LIMIT" "${BENCH[@]}" "$SEGMENTER_S" "${WHOLE[@]}" \
         --batch-size 1 --shape 256 256 "${TIMING[@]}"
-    run_part whole "Mask R-CNN DynamicViT-S batch 1" 120 "${BENCH[@]}" "$MASK_RCNN_S" "${WHOLE[@]}" \
+    run_part whole "Mask R-CNN DynamicViT-S batch 1" "$QUICK_LIMIT" "${BENCH[@]}" "$MASK_RCNN_S" "${WHOLE[@]}" \
         --batch-size 1 --shape 192 288 "${TIMING[@]}"
-    run_part training "train Segmenter DynamicViT-S" 120 "${BENCH[@]}" "$SEGMENTER_S" --train "${TRAIN[@]}" \
+    run_part training "train Segmenter DynamicViT-S" "$QUICK_LIMIT" \
+        "${BENCH[@]}" "$SEGMENTER_S" --train "${TRAIN[@]}" \
         --batch-size 1 --shape 128 128 "${TIMING[@]}"
-    run_part training "train Mask R-CNN DynamicViT-S" 150 "${BENCH[@]}" "$MASK_RCNN_S" --train "${TRAIN[@]}" \
+    run_part training "train Mask R-CNN DynamicViT-S" "$QUICK_LIMIT" \
+        "${BENCH[@]}" "$MASK_RCNN_S" --train "${TRAIN[@]}" \
         --batch-size 1 --shape 128 192 "${TIMING[@]}"
 else
     run_part inference "DeiT-S batch 256" 150 "${BENCH[@]}" "$DEIT_S" "${INFER[@]}" --batch-size 256 "${TIMING[@]}"
