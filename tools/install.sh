@@ -259,8 +259,8 @@ PYEOF
         tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
         SRC="$BUILD/mmcv-$MMCV_VERSION"
         patch_mmcv_source "$SRC"
-        # mmcv 2.1's setup.py needs setuptools<70 to build; torch's runtime pin is restored right after.
         [[ "$TAG" == *-cpu-* ]] || use_pip_cuda_headers
+        # mmcv 2.1's setup.py needs setuptools<70 to build; torch's runtime pin is restored right after.
         "${PIP[@]}" install -q "setuptools<70" 2>&1 | grep -v "requires setuptools" || true
         (cd "$SRC" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
             "${PIP[@]}" wheel --no-build-isolation --no-deps -w "$WHEEL_DIR" . )
