@@ -9,7 +9,7 @@ import torch
 
 from sparsevit_mm.deployment import as_list
 
-from .helpers import tiny_family
+from .helpers import load_tool, tiny_family
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')]
@@ -168,7 +168,9 @@ def test_keep_policy_attention_on_cuda_equals_the_direct_formula_in_bounded_memo
         assert relative_error(mine, theirs) < 1e-4, name
 
 
-def _whole_model(kind: str, keep_ratio: float):
+def whole_model_test_step(kind: str, keep_ratio: float, device: str, batch: int = 2, size=(800, 1216)):
+    """The shipped DynamicViT-S Mask R-CNN ('mask-rcnn') or Segmenter ('segmenter') config's ``test_step`` on a
+    batch as a dataloader gives it (random weights)."""
     from mmengine.registry import MODELS, DefaultScope
 
     from sparsevit_mm.utils.config import read_config
@@ -179,10 +181,15 @@ def _whole_model(kind: str, keep_ratio: float):
     cfg = read_config(path)
     cfg.model.backbone.init_cfg = None  # no weights file here
     cfg.model.backbone.keep_ratio = keep_ratio
+    if kind == 'mask-rcnn':  # random weights score below mmdet's 0.05: keep boxes, so that the mask head runs too
+        cfg.model.test_cfg.rcnn.score_thr = 0.0
     with DefaultScope.overwrite_default_scope(scope):
         model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model.cuda().eval(), scope
+        model.init_weights()
+        model.to(device).eval()
+        data = load_tool('tools/analysis/_benchmarking.py').test_step_data(scope, batch, *size)
+        with torch.no_grad():
+            return model.test_step(data)
 
 
 @pytest.mark.parametrize('keep_ratio', [1.0, 0.7])
@@ -190,28 +197,18 @@ def _whole_model(kind: str, keep_ratio: float):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
 def test_whole_detector_and_segmentor_test_step_on_cuda(kind, keep_ratio):
-    from mmengine.registry import DefaultScope
     if kind == 'mask-rcnn':
         try:
             from mmcv.ops import roi_align  # noqa: F401
         except ImportError:
             pytest.skip("mmcv's compiled ops are not installed (tools/install.sh builds them)")
-        from mmdet.testing import demo_mm_inputs
-        data = demo_mm_inputs(batch_size=2, image_shapes=[(3, 800, 1216)] * 2, num_items=[3, 3], num_classes=80,
-                              with_mask=True)
-    else:
-        from mmseg.structures import SegDataSample
-        data = dict(inputs=[torch.randint(0, 255, (3, 512, 512), dtype=torch.uint8) for _ in range(2)],
-                    data_samples=[SegDataSample(metainfo=dict(img_shape=(512, 512), ori_shape=(512, 512)))
-                                  for _ in range(2)])
-    model, scope = _whole_model(kind, keep_ratio)
-    with torch.no_grad(), DefaultScope.overwrite_default_scope(scope):
-        predictions = model.test_step(data)
+    size = (800, 1216) if kind == 'mask-rcnn' else (512, 512)
+    predictions = whole_model_test_step(kind, keep_ratio, 'cuda', size=size)
     assert len(predictions) == 2
-    if kind == 'mask-rcnn':
-        for prediction in predictions:
+    for prediction in predictions:
+        if kind == 'mask-rcnn':
+            assert len(prediction.pred_instances) > 0
             assert torch.isfinite(prediction.pred_instances.bboxes).all()
-    else:
-        for prediction in predictions:
-            assert prediction.pred_sem_seg.data.shape[-2:] == (512, 512)
+        else:
+            assert prediction.pred_sem_seg.data.shape[-2:] == size
             assert torch.isfinite(prediction.seg_logits.data).all()
