@@ -45,6 +45,17 @@ def test_make_wheelhouse_refuses_wrong_arguments(args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize('script,usage', [
+    ('tools/install.sh', 'bash tools/install.sh --offline WHEELHOUSE --use-current-torch [--ops-in-background]'),
+    ('tools/make_wheelhouse.sh', 'bash tools/make_wheelhouse.sh [--python 3.12] [--platform TAG]... [--with SPEC]...'),
+    ('tools/analysis/gpu_report.sh', 'bash tools/analysis/gpu_report.sh OUT_DIR --device cpu --quick'),
+])
+def test_scripts_print_their_whole_header_as_help(script, usage):
+    result = bash(script, '--help')
+    assert result.returncode == 0 and usage in result.stdout
+    assert 'set -' not in result.stdout and not result.stdout.startswith('!')  # the comment block, nothing else
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without a GPU')
 def test_gpu_report_without_a_gpu_says_how_to_check_on_the_cpu(tmp_path):
     result = bash('tools/analysis/gpu_report.sh', str(tmp_path), env=dict(PYTHON=sys.executable))

@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
                    OFFLINE="$2"; shift 2 ;;
         --use-current-torch) USE_CURRENT_TORCH=1; shift ;;
         --ops-in-background) OPS_IN_BACKGROUND=1; shift ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done

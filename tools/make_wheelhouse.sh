@@ -8,9 +8,9 @@
 #   --platform   a wheel platform tag of the target (default: manylinux 2_28 / 2_17 / 2014, x86_64); repeatable
 #   --with       one more requirement to carry (e.g. --with onnxruntime==1.20.1); repeatable
 #
-# What goes in (about 20 MiB; docs/install.md has the list and sizes): the OpenMMLab frameworks and their small
-# pure-Python or binary dependencies as wheels for the target, mmcv's source archive (PyPI has no mmcv 2.1 wheels;
-# install.sh builds it against the target's torch), and setuptools for mmcv's build and for mmengine's
+# What goes in (33 MiB for Python 3.12; docs/install.md has the list and sizes): the OpenMMLab frameworks and
+# their small pure-Python or binary dependencies as wheels for the target, mmcv's source archive (PyPI has no mmcv
+# 2.1 wheels; install.sh builds it against the target's torch), and setuptools for mmcv's build and for mmengine's
 # pkg_resources. What must already be in the target environment: torch, torchvision, numpy, scipy, matplotlib,
 # Pillow, OpenCV (opencv-python or -headless): install.sh checks them first and names what is missing.
 set -euo pipefail
@@ -25,7 +25,7 @@ while [[ $# -gt 0 ]]; do
         --python) PYTHON_VERSION="$2"; shift 2 ;;
         --platform) PLATFORMS+=("$2"); shift 2 ;;
         --with) EXTRA+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) echo "make_wheelhouse.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [[ -z "$OUT" ]] || { echo "make_wheelhouse.sh: one OUT_DIR, got '$OUT' and '$1'" >&2; exit 2; }
            OUT="$1"; shift ;;

@@ -39,7 +39,7 @@ while [[ $# -gt 0 ]]; do
         --budget) BUDGET="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --wait-for-ops) OPS_LOG="$2"; shift 2 ;;
-        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; exit 0 ;;
         -*) echo "gpu_report.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [[ -z "$OUT" ]] || { echo "gpu_report.sh: one OUT_DIR, got '$OUT' and '$1'" >&2; exit 2; }
            OUT="$1"; shift ;;
