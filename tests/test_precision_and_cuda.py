@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from sparsevit_mm.deployment import as_list
+from sparsevit_mm.layers import keep_policy_attention, keep_ratio_terms, softmax_with_keep_policy
 
 from .helpers import load_tool, tiny_family
 
-HAS_CUDA = torch.cuda.is_available()
-CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')]
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
+
+
+def needs_cuda(test):
+    """The ``cuda`` marker (``pytest -m cuda``) and the skip without a GPU."""
+    for mark in reversed(CUDA):
+        test = mark(test)
+    return test
 FAMILIES = ['dynamicvit', 'swin', 'convnext', 'dvt', 'uvit']
 SPARSE_BACKBONES = ['dynamicvit', 'swin', 'convnext']
 PRECISIONS = [pytest.param('cpu', torch.bfloat16, id='cpu-bf16'),
@@ -37,7 +44,6 @@ def training_loss(family: str, model, inputs) -> torch.Tensor:
     outputs = as_list(model(*inputs))
     loss = sum(out.float().square().mean() for out in outputs)
     if family in SPARSE_BACKBONES:  # a learning forward's decisions must be consumed (KeepRatioLossHook does it)
-        from sparsevit_mm.layers import keep_ratio_terms
         terms = keep_ratio_terms(model.pop_keep_decisions(), model.stage_ratios, 2.0)
         loss = loss + terms['loss_keep_ratio']
     return loss
@@ -92,8 +98,7 @@ def eval_objective(model, inputs, device, dtype) -> float:
 # --------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
 @pytest.mark.parametrize('family', FAMILIES)
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+@needs_cuda
 def test_amp_optim_wrapper_training_step(family, dtype):
     """mmengine's AmpOptimWrapper (what --amp and the amp configs use): loss scaling, finite steps."""
     from mmengine.optim import AmpOptimWrapper
@@ -110,8 +115,7 @@ def test_amp_optim_wrapper_training_step(family, dtype):
 
 
 @pytest.mark.parametrize('family', SPARSE_BACKBONES)
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+@needs_cuda
 def test_compiled_sparse_backbones_match_eager_on_cuda(family):
     """torch.compile(fullgraph=True) at keep 0.7 (inductor, CUDA kernels) equals eager."""
     model, inputs = family_on(family, 'cuda')
@@ -124,8 +128,7 @@ def test_compiled_sparse_backbones_match_eager_on_cuda(family):
     assert max(relative_error(o, e) for o, e in zip(ours, eager)) < 1e-4
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+@needs_cuda
 def test_cuda_graphs_replay_the_sparse_backbone():
     """mode='reduce-overhead' (CUDA graphs): the kept counts are static per input size, so the graph replays."""
     model, inputs = family_on('dynamicvit', 'cuda')
@@ -138,10 +141,8 @@ def test_cuda_graphs_replay_the_sparse_backbone():
     assert max(relative_error(o, e) for o, e in zip(ours, eager)) < 1e-4
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+@needs_cuda
 def test_keep_policy_attention_on_cuda_equals_the_direct_formula_in_bounded_memory():
-    from sparsevit_mm.layers import keep_policy_attention, softmax_with_keep_policy
     batch, heads, tokens, head_dims = 2, 6, 4201, 64  # a 800 x 1344 image's patch tokens and the cls token
     generator = torch.Generator(device='cuda').manual_seed(0)
     query, key, value = (torch.randn(batch, heads, tokens, head_dims, device='cuda', generator=generator)
@@ -194,8 +195,7 @@ def whole_model_test_step(kind: str, keep_ratio: float, device: str, batch: int 
 
 @pytest.mark.parametrize('keep_ratio', [1.0, 0.7])
 @pytest.mark.parametrize('kind', ['mask-rcnn', 'segmenter'])
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+@needs_cuda
 def test_whole_detector_and_segmentor_test_step_on_cuda(kind, keep_ratio):
     if kind == 'mask-rcnn':
         try:

@@ -61,6 +61,13 @@ cuda = 'cu' + torch.version.cuda.replace('.', '') if (torch.cuda.is_available() 
 print(f"torch{torch.__version__.split('+')[0]}-{cuda}-py{sys.version_info.major}{sys.version_info.minor}")
 PYEOF
 }
+have_mmcv() {  # mmcv 2.1.0 with its compiled ops (not mmcv-lite)
+    "$PY" - <<'PYEOF' 2>/dev/null
+import importlib.metadata as md, sys
+from mmcv.ops import nms, roi_align  # noqa: F401  (fails if the compiled ops are missing)
+sys.exit(0 if md.version('mmcv') == '2.1.0' else 1)
+PYEOF
+}
 patch_mmcv_source() {  # torch >= 2.14's headers need C++20; mmcv 2.1 hard-codes c++14 / c++17 (nvcc 13 takes 20)
     sed -i -e 's/c++14/c++20/g' -e 's/c++17/c++20/g' "$1/setup.py"
 }
@@ -136,8 +143,7 @@ PYEOF
     BUILD_TOOLS="$SRC_ROOT/build-tools"
     "$PY" -m pip --disable-pip-version-check install -q --no-index --no-deps --target "$BUILD_TOOLS" \
         "$WH"/build/setuptools-*.whl
-    have_ops() { "$PY" -c "from mmcv.ops import nms, roi_align" 2>/dev/null; }
-    if have_ops && [[ "$("$PY" -c 'import mmcv; print(mmcv.__version__)')" == "$MMCV_VERSION" ]]; then
+    if have_mmcv; then
         log "mmcv $MMCV_VERSION with compiled ops already installed"
     else
         log "mmcv $MMCV_VERSION without compiled ops (mmcv-lite)"
@@ -172,10 +178,10 @@ PYEOF
         fi
         "$PY" -m pip --disable-pip-version-check uninstall -q -y mmcv-lite 2>/dev/null || true
         "$PY" -m pip --disable-pip-version-check install -q --no-deps --force-reinstall --no-index "$wheel" || return 1
-        "$PY" -c "from mmcv.ops import nms, roi_align" || return 1
+        have_mmcv || return 1
         echo "[ops] mmcv's compiled ops import ($(date -u +%T))"
     }
-    if have_ops; then
+    if have_mmcv; then
         log "done: the whole stack is installed"
     elif [[ -n "$OPS_IN_BACKGROUND" ]]; then
         (build_ops > "$LOG" 2>&1 && echo "[ops] done" >> "$LOG" || echo "[ops] FAILED (exit $?)" >> "$LOG") &
@@ -232,13 +238,6 @@ fi
 TAG=$(torch_tag)
 WHEEL_DIR="$CACHE/$TAG"
 mkdir -p "$WHEEL_DIR"
-have_mmcv() {
-    "$PY" - <<'PYEOF' 2>/dev/null
-import importlib.metadata as md, sys
-from mmcv.ops import nms, roi_align  # noqa: F401  (fails if the compiled ops are missing)
-sys.exit(0 if md.version('mmcv') == '2.1.0' else 1)
-PYEOF
-}
 if have_mmcv; then
     log "mmcv $MMCV_VERSION with compiled ops already installed"
 else
@@ -247,15 +246,7 @@ else
         log "building mmcv $MMCV_VERSION with ops for $TAG (one time, ~30 min on 2 cores)"
         BUILD=$(mktemp -d)
         WORK_DIRS+=("$BUILD")
-        # `pip download` of an sdist runs its metadata step (which imports torch and pkg_resources); fetch the
-        # tarball from the index directly instead.
-        "$PY" - "$BUILD" "$MMCV_VERSION" <<'PYEOF'
-import re, sys, urllib.request
-out, version = sys.argv[1], sys.argv[2]
-page = urllib.request.urlopen('https://pypi.org/simple/mmcv/', timeout=120).read().decode()
-url = re.search(r'href="([^"]*/mmcv-%s\.tar\.gz)[^"]*"' % re.escape(version), page).group(1)
-urllib.request.urlretrieve(url, f'{out}/mmcv-{version}.tar.gz')
-PYEOF
+        "$PY" "$ROOT/tools/fetch_mmcv_source.py" "$MMCV_VERSION" "$BUILD"
         tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
         SRC="$BUILD/mmcv-$MMCV_VERSION"
         patch_mmcv_source "$SRC"

@@ -75,15 +75,7 @@ mkdir -p "$OUT/build"  # kept apart so that a resolver never picks the build-tim
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build" "${SETUPTOOLS[0]}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT" "${SETUPTOOLS[1]}"
 
-# mmcv: PyPI has only its source for 2.1. `pip download` of an sdist runs its metadata step, which imports torch;
-# take the archive from the index page instead.
-"$PY" - "$OUT" <<'PYEOF'
-import re, sys, urllib.request
-out, version = sys.argv[1], '2.1.0'
-page = urllib.request.urlopen('https://pypi.org/simple/mmcv/', timeout=120).read().decode()
-url = re.search(r'href="([^"]*/mmcv-%s\.tar\.gz)[^"]*"' % re.escape(version), page).group(1)
-urllib.request.urlretrieve(url, f'{out}/mmcv-{version}.tar.gz')
-PYEOF
+"$PY" "$ROOT/tools/fetch_mmcv_source.py" 2.1.0 "$OUT"  # mmcv: PyPI has only its source for 2.1
 
 # What install.sh resolves, and what it installs without its dependencies (the frameworks ask for opencv-python;
 # an environment with opencv-python-headless satisfies them as well).
